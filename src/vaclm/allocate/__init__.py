@@ -1,0 +1,1 @@
+"""Rank allocation across all matrices under one global budget."""

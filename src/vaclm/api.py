@@ -1,0 +1,69 @@
+"""The Python API: compress(), save(), load(), evaluate()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .config import CompressConfig
+from .errors import VaclmError
+
+
+class Loaded(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: object | None
+
+
+def load(source: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Loaded:
+    """Hub id, local folder, .gguf file, vaclm folder or "demo" -> (model, tokenizer) on `device`."""
+    from .model.loading import load_model, resolve_device
+
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    return Loaded(model.to(resolve_device(device)), tokenizer)
+
+
+def calibration_ids(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+    """`calib` as samples x seq_len token ids: a tensor passes through, text is tokenised and windowed."""
+    from .data.text import calibration_windows, load_text, tokenize
+
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise VaclmError("calibration ids must be a 2-D tensor (samples x seq_len) with seq_len >= 2")
+        return ids
+    ids = tokenize(tokenizer, load_text(str(calib), role="calibration"))
+    return calibration_windows(ids, config.calib_samples, config.calib_seq_len, config.seed)[0]
+
+
+def compress(model, config: CompressConfig | None = None, calib=None, *, tokenizer=None, ranks=None,
+             device: str = "cpu", progress: bool = True):
+    """Compress `model` in place; returns a CompressionResult (ranks, errors, kept fraction)."""
+    from .model.loading import resolve_device
+    from .pipeline.compress import compress_model
+
+    config = config or CompressConfig()
+    if calib is None:
+        raise VaclmError("compress needs calibration text: a file, a dataset name or a tensor of token ids")
+    ids = calibration_ids(calib, tokenizer, config)
+    torch.manual_seed(config.seed)
+    return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress)
+
+
+def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = False) -> Path:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads after `import vaclm`."""
+    from .io.save import save_model
+
+    return save_model(model, Path(out), tokenizer, overwrite=overwrite, report=result.to_dict() if result else None)
+
+
+def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int | None = None,
+             progress: bool = True) -> dict:
+    """Perplexity of `model` on `text` (a file, a dataset name, or 1-D token ids)."""
+    from .data.text import load_text, tokenize
+    from .eval.perplexity import perplexity
+
+    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, load_text(str(text), role="evaluation"))
+    device = str(next(model.parameters()).device)
+    return perplexity(model, ids.flatten(), seq_len=seq_len, max_windows=max_windows, device=device, progress=progress)

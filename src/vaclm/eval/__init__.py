@@ -1,0 +1,1 @@
+"""Perplexity and other measurements of a model."""

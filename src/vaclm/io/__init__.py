@@ -1,0 +1,1 @@
+"""Saving, validating, exporting and the transformers quantizer that loads vaclm folders."""

@@ -1,0 +1,81 @@
+"""Atomic saving: everything is written into a temporary sibling folder, renamed on success."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import VaclmError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work is done if the output folder exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise VaclmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise VaclmError(f"output path {out} is a file; choose a folder path for --out")
+
+
+class AtomicFolder:
+    """`with AtomicFolder(out, overwrite) as tmp:` write into tmp; it becomes `out` only on success."""
+
+    def __init__(self, out: Path, overwrite: bool = False):
+        self.out = Path(out)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        check_output(self.out, self.overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        _publish_permissions(self.tmp)
+        if self.out.exists():
+            trash = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
+            os.replace(self.out, trash / "old")
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return False
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes a private 0700 folder; the result should have ordinary permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def lowrank_ranks(model) -> dict[str, int]:
+    from ..model.lowrank import LowRankLinear
+
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None) -> Path:
+    """Save in the vaclm format (safetensors + quantization_config) or, with no factors, plainly."""
+    from .hf_quantizer import VaclmConfig
+
+    ranks = lowrank_ranks(model)
+    if ranks:
+        model.config.quantization_config = VaclmConfig(ranks=ranks)
+    else:
+        model.config.__dict__.pop("quantization_config", None)
+    with AtomicFolder(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / "vaclm_report.json").write_text(json.dumps(report, indent=2))
+    return Path(out)

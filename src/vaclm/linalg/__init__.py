@@ -1,0 +1,1 @@
+"""Pure tensor maths: no nn.Module, no transformers."""

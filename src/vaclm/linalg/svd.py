@@ -1,0 +1,33 @@
+"""Truncated SVD with the error of every truncation, from one decomposition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TruncatedSVD:
+    """M ~= left[:, :r] @ right[:r] for every r <= max_rank (truncations are nested).
+
+    `errors[r]` is ||M - M_r||_F^2 = sum of the squared singular values from r on; errors[0] is
+    ||M||_F^2 and errors[min(out, in)] is 0. Singular values are split evenly (sqrt on each side),
+    which keeps both factors at the same scale.
+    """
+
+    left: torch.Tensor  # out x max_rank
+    right: torch.Tensor  # max_rank x in
+    errors: torch.Tensor  # (min(out, in) + 1,), float64
+
+
+def truncated_svd(matrix: torch.Tensor, max_rank: int) -> TruncatedSVD:
+    m = matrix.double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    squared = s.square()
+    # tail sums: errors[r] = sum_{i >= r} s_i^2
+    tail = torch.flip(torch.cumsum(torch.flip(squared, [0]), 0), [0])
+    errors = torch.cat([tail, tail.new_zeros(1)])
+    k = min(max_rank, s.numel())
+    root = s[:k].sqrt()
+    return TruncatedSVD(left=u[:, :k] * root, right=root[:, None] * vh[:k], errors=errors)

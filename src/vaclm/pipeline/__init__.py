@@ -1,0 +1,1 @@
+"""Sequential compression: capture -> statistics -> factorise -> replace -> propagate."""

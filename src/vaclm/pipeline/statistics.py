@@ -1,0 +1,89 @@
+"""Collect the statistics the methods need, with hooks on the target linear layers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..linalg.stats import GradientStats, InputStats
+from ..model.surgery import dense_weight
+
+
+@contextlib.contextmanager
+def _hooks(modules: dict[str, nn.Module], make_hook):
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, InputStats]:
+    """Input Gram and mean |x| of each module while the runner runs `block` on `batches`.
+
+    Modules fed the very same tensor (q/k/v, gate/up) share one accumulator: it is the same Gram.
+    """
+    stats: dict[str, InputStats] = {}
+    followers: set[str] = set()  # modules whose accumulator belongs to another module
+    this_batch: list[tuple[torch.Tensor, InputStats]] = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            x = args[0]
+            if name in followers:
+                return
+            if name not in stats:
+                shared = next((s for t, s in this_batch if t is x), None)
+                if shared is not None:
+                    stats[name] = shared
+                    followers.add(name)
+                    return
+                stats[name] = InputStats(x.shape[-1], device=x.device)
+            stats[name].add_batch(x)
+            this_batch.append((x, stats[name]))
+
+        return hook
+
+    with _hooks(modules, make_hook):
+        runner.run_block(block, batches, before_batch=this_batch.clear)
+    return stats
+
+
+def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, device: str,
+                   progress: bool = True) -> dict[str, GradientStats]:
+    """Backward passes of the LM loss, one calibration sequence at a time.
+
+    No parameter gradient is formed: the embedding output is made to require grad, so autograd
+    computes only activation gradients, and a tensor hook on each target's output hands
+    (x, dL/dy) of that sequence to its accumulator. Memory: the model, one sequence's
+    activations, and the accumulators (out^2 + out + in float64 per layer, on the CPU).
+    """
+    stats = {name: GradientStats(*dense_weight(m)[0].shape, device="cpu") for name, m in modules.items()}
+
+    def make_hook(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+            output.register_hook(lambda g: stats[name].add_sample(x, g))
+
+        return hook
+
+    embed = model.get_input_embeddings()
+    grad_on = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with _hooks(modules, make_hook):
+            for sample in tqdm(calib, desc="gradient statistics", disable=not progress, unit="seq"):
+                ids = sample.unsqueeze(0).to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+    finally:
+        grad_on.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return stats
