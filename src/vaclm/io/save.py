@@ -63,7 +63,8 @@ def lowrank_ranks(model) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None) -> Path:
+def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None,
+               write_extra=None) -> Path:
     """Save in the vaclm format (safetensors + quantization_config) or, with no factors, plainly."""
     from .hf_quantizer import VaclmConfig
 
@@ -78,4 +79,6 @@ def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / "vaclm_report.json").write_text(json.dumps(report, indent=2))
+        if write_extra is not None:
+            write_extra(tmp)
     return Path(out)

@@ -34,35 +34,49 @@ class InputStats:
 
 
 class GradientStats:
-    """Output-gradient covariance B = E[g g^T] and diagonal-Fisher row/column sums of one layer.
+    """Per-layer statistics of the loss gradient g = dL/dy at the layer output y = W x.
 
-    The diagonal Fisher of W is the mean over samples of (dL/dW)^2, with dL/dW = G^T X for a
-    sample's output gradients G (tokens x out) and inputs X (tokens x in). Only its row sums (out)
-    and column sums (in) are kept: they are what the Fisher-weighted methods use, and keeping the
-    full out x in matrix would double the model's memory.
+    Always: the energy of g per output (sum of g^2, a vector; what allocation prices layers by).
+    With `cov`: B = E[g g^T] (out x out), the output side of the Kronecker-factored Fisher.
+    With `fisher`: row and column sums of the diagonal Fisher of W, the mean over samples of
+    (dL/dW)^2 with dL/dW = G^T X for a sample's output gradients G and inputs X. Only the sums
+    are kept (they are what the Fisher-weighted methods use); the full out x in matrix would
+    double the model's memory. dL/dW is formed `chunk` rows at a time to bound the temporary.
     """
 
-    def __init__(self, out_dim: int, in_dim: int, device: torch.device | str = "cpu", chunk: int = 4096):
-        self.cov = torch.zeros(out_dim, out_dim, dtype=torch.float64, device=device)
-        self.fisher_rows = torch.zeros(out_dim, dtype=torch.float64, device=device)
-        self.fisher_cols = torch.zeros(in_dim, dtype=torch.float64, device=device)
+    def __init__(self, out_dim: int, in_dim: int, cov: bool = True, fisher: bool = True,
+                 device: torch.device | str = "cpu", chunk: int = 4096):
+        self.out_dim, self.in_dim = out_dim, in_dim
+        self.sq_sum = torch.zeros(out_dim, dtype=torch.float64, device=device)
+        self.cov = torch.zeros(out_dim, out_dim, dtype=torch.float64, device=device) if cov else None
+        self.fisher_rows = torch.zeros(out_dim, dtype=torch.float64, device=device) if fisher else None
+        self.fisher_cols = torch.zeros(in_dim, dtype=torch.float64, device=device) if fisher else None
         self.tokens = 0
         self.samples = 0
-        self.chunk = chunk  # rows of dL/dW formed at a time: bounds the temporary to chunk x in
+        self.chunk = chunk
 
     def add_sample(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """One sample's inputs x (tokens x in) and output gradients g (tokens x out)."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
         g = g.detach().reshape(-1, g.shape[-1]).float()
-        self.cov += (g.T @ g).to(self.cov)
-        for start in range(0, g.shape[1], self.chunk):
-            grad_w = g[:, start : start + self.chunk].T @ x  # chunk x in: dL/dW rows
-            squared = grad_w.square()
-            self.fisher_rows[start : start + self.chunk] += squared.sum(1).to(self.fisher_rows)
-            self.fisher_cols += squared.sum(0).to(self.fisher_cols)
+        self.sq_sum += g.square().sum(0).to(self.sq_sum)
+        if self.cov is not None:
+            self.cov += (g.T @ g).to(self.cov)
+        if self.fisher_rows is not None:
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            for start in range(0, g.shape[1], self.chunk):
+                squared = (g[:, start : start + self.chunk].T @ x).square()  # rows of (dL/dW)^2
+                self.fisher_rows[start : start + self.chunk] += squared.sum(1).to(self.fisher_rows)
+                self.fisher_cols += squared.sum(0).to(self.fisher_cols)
         self.tokens += g.shape[0]
         self.samples += 1
 
     @property
     def mean_cov(self) -> torch.Tensor:
+        if self.cov is None:
+            raise ValueError("output-gradient covariance was not collected")
         return self.cov / max(self.tokens, 1)
+
+    @property
+    def output_energy(self) -> float:
+        """Mean diagonal of B = E[g g^T], without needing B itself."""
+        return float(self.sq_sum.sum()) / max(self.tokens, 1) / self.out_dim

@@ -21,13 +21,20 @@ class TruncatedSVD:
     errors: torch.Tensor  # (min(out, in) + 1,), float64
 
 
+def tail_errors(singular_values: torch.Tensor) -> torch.Tensor:
+    """errors[r] = sum_{i >= r} s_i^2, for r = 0 .. len(s)."""
+    tail = torch.flip(torch.cumsum(torch.flip(singular_values.square(), [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def error_curve(matrix: torch.Tensor) -> torch.Tensor:
+    """The errors of every truncation without forming singular vectors (cheaper than an SVD)."""
+    return tail_errors(torch.linalg.svdvals(matrix.double()))
+
+
 def truncated_svd(matrix: torch.Tensor, max_rank: int) -> TruncatedSVD:
-    m = matrix.double()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    squared = s.square()
-    # tail sums: errors[r] = sum_{i >= r} s_i^2
-    tail = torch.flip(torch.cumsum(torch.flip(squared, [0]), 0), [0])
-    errors = torch.cat([tail, tail.new_zeros(1)])
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    errors = tail_errors(s)
     k = min(max_rank, s.numel())
     root = s[:k].sqrt()
     return TruncatedSVD(left=u[:, :k] * root, right=root[:, None] * vh[:k], errors=errors)

@@ -1,15 +1,20 @@
 """ASVD: activation-aware SVD, columns scaled by mean|x|^alpha of the layer input."""
 
-from ..linalg.svd import truncated_svd
-from .base import Factorization, Method, normalized_scale, register
+from .base import Method, Weighting, identity, normalized_scale, register
 
 
 @register("asvd")
 class ActivationAwareSVD(Method):
     needs_inputs = True
 
-    def factorize(self, weight, stats, max_rank):
-        self._require(stats)
-        cols = normalized_scale(stats.inputs.mean_abs, self.options.asvd_alpha, self.options.scale_clamp)
-        t = truncated_svd(weight.double() * cols[None, :], max_rank)
-        return Factorization(t.left, t.right / cols[None, :], t.errors, metric="||(W - W') diag(s)||_F^2")
+    def _cols(self, stats):
+        return normalized_scale(stats.inputs.mean_abs, self.options.asvd_alpha, self.options.scale_clamp)
+
+    def weighting(self, weight, stats):
+        cols = self._cols(stats).to(weight.device)
+        return Weighting(weight * cols[None, :], identity, lambda right: right / cols[None, :],
+                         metric="||(W - W') diag(s)||_F^2")
+
+    def loss_scale(self, weight, stats):
+        # ||dW diag(s)||^2 stands in for E||dW x||^2 = ||dW S_A||^2: rescale by input energy / mean s^2
+        return self._output_energy(stats) * self._input_energy(stats) / float(self._cols(stats).square().mean())

@@ -1,21 +1,25 @@
 """The interface every factorisation method implements.
 
-A method takes a weight W (out x in) and the statistics of its layer, and returns factors at a
-maximum rank plus the truncation error for *every* rank in the method's own metric, so the
-allocator can price each choice without recomputing. Truncations are nested: the rank-r factors
-are the first r columns of `up` and rows of `down`.
+Every method here is "weight the matrix, truncate its SVD, unweight the factors": a method only
+says how it weights (`weighting`). From that the base class gives factors at a maximum rank with
+the truncation error for *every* rank in the method's own metric (`factorize`), the error curve
+alone without singular vectors (`error_curve`, what the allocator prices ranks with), and the
+scale that turns that metric into an estimate of the loss increase (`loss_scale`).
+Truncations are nested: rank-r factors are the first r columns of `up` and rows of `down`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..config import MethodOptions
 from ..errors import VaclmError
 from ..linalg.stats import GradientStats, InputStats
+from ..linalg.svd import error_curve, truncated_svd
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -24,6 +28,14 @@ _REGISTRY: dict[str, type["Method"]] = {}
 class LayerStats:
     inputs: InputStats | None = None
     gradients: GradientStats | None = None
+
+
+@dataclass
+class Weighting:
+    matrix: torch.Tensor  # the matrix whose plain truncated SVD is optimal in the method's metric
+    unweight_left: Callable[[torch.Tensor], torch.Tensor]  # out x k -> `up`
+    unweight_right: Callable[[torch.Tensor], torch.Tensor]  # k x in -> `down`
+    metric: str
 
 
 @dataclass
@@ -43,16 +55,53 @@ class Factorization:
         return self.up[:, :rank].contiguous(), self.down[:rank].contiguous()
 
 
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class Method(ABC):
     name: str
     needs_inputs: bool = False  # input Gram / mean |x|
-    needs_gradients: bool = False  # output-gradient covariance / diagonal Fisher
+    needs_cov: bool = False  # output-gradient covariance B
+    needs_fisher: bool = False  # diagonal-Fisher row/column sums
 
     def __init__(self, options: MethodOptions):
         self.options = options
 
     @abstractmethod
-    def factorize(self, weight: torch.Tensor, stats: LayerStats, max_rank: int) -> Factorization: ...
+    def weighting(self, weight: torch.Tensor, stats: LayerStats) -> Weighting: ...
+
+    def factorize(self, weight: torch.Tensor, stats: LayerStats, max_rank: int) -> Factorization:
+        self._require(stats)
+        w = self.weighting(weight.double(), stats)
+        t = truncated_svd(w.matrix, max_rank)
+        return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors, w.metric)
+
+    def error_curve(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        self._require(stats)
+        return error_curve(self.weighting(weight.double(), stats).matrix)
+
+    def loss_scale(self, weight: torch.Tensor, stats: LayerStats) -> float:
+        """Multiplier turning this method's error into an estimated loss increase.
+
+        The second-order estimate of the loss increase of dW is 1/2 vec(dW)^T F vec(dW) with the
+        Kronecker Fisher F ~ A (x) B. A method whose metric ignores B (or A) is priced with B (or A)
+        replaced by its mean diagonal, an isotropic stand-in: the layer's gradient (or input)
+        energy per dimension. Without gradient statistics B is taken as the identity.
+        """
+        return self._output_energy(stats)
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.needs_cov or self.needs_fisher
+
+    @staticmethod
+    def _output_energy(stats: LayerStats) -> float:
+        return stats.gradients.output_energy if stats.gradients is not None else 1.0
+
+    @staticmethod
+    def _input_energy(stats: LayerStats) -> float:
+        return float(stats.inputs.mean_gram.diagonal().mean()) if stats.inputs is not None else 1.0
 
     def _require(self, stats: LayerStats) -> None:
         if self.needs_inputs and stats.inputs is None:
@@ -85,3 +134,4 @@ def normalized_scale(values: torch.Tensor, exponent: float, clamp: float) -> tor
     if not torch.isfinite(mean) or mean <= 0:
         return torch.ones_like(scale)
     return (scale / mean).clamp(1.0 / clamp, clamp)
+

@@ -5,23 +5,27 @@ s(F) = F^p (VAC: p = 1/3 beats FWSVD's 1/2), normalised to mean 1 and clamped; "
 scales the columns the same way, as VAC does. SVD of diag(r) W diag(c), unscaled after.
 """
 
-from ..linalg.svd import truncated_svd
-from .base import Factorization, Method, normalized_scale, register
+from .base import Method, Weighting, normalized_scale, register
 
 
 @register("fwsvd")
 class FisherWeightedSVD(Method):
-    needs_gradients = True
+    needs_fisher = True
 
-    def factorize(self, weight, stats, max_rank):
-        self._require(stats)
+    def _scales(self, weight, stats):
         o = self.options
-        rows = normalized_scale(stats.gradients.fisher_rows, o.fisher_exponent, o.scale_clamp)
+        rows = normalized_scale(stats.gradients.fisher_rows, o.fisher_exponent, o.scale_clamp).to(weight.device)
         if o.fisher_mode == "rows+cols":
-            cols = normalized_scale(stats.gradients.fisher_cols, o.fisher_exponent, o.scale_clamp)
+            cols = normalized_scale(stats.gradients.fisher_cols, o.fisher_exponent, o.scale_clamp).to(weight.device)
         else:
             cols = rows.new_ones(weight.shape[1])
-        t = truncated_svd(rows[:, None] * weight.double() * cols[None, :], max_rank)
-        return Factorization(
-            t.left / rows[:, None], t.right / cols[None, :], t.errors, metric="||diag(r) (W - W') diag(c)||_F^2"
-        )
+        return rows, cols
+
+    def weighting(self, weight, stats):
+        rows, cols = self._scales(weight, stats)
+        return Weighting(rows[:, None] * weight * cols[None, :], lambda left: left / rows[:, None],
+                         lambda right: right / cols[None, :], metric="||diag(r) (W - W') diag(c)||_F^2")
+
+    def loss_scale(self, weight, stats):
+        rows, cols = self._scales(weight, stats)
+        return self._output_energy(stats) * self._input_energy(stats) / float(rows.square().mean() * cols.square().mean())

@@ -1,15 +1,18 @@
 """Compress a model in place, block by block.
 
-For each block (in the configured order): run the calibration inputs that the already
-compressed prefix produces through it while hooks accumulate input statistics, factorise every
-target with the chosen method, swap in LowRankLinear, and move on. With `sequential=False` all
-statistics come from the dense model (one walk), the classic one-shot baseline.
+1. Statistics that need the whole model: gradients of the LM loss (methods that use the Fisher,
+   and the knapsack's loss estimates).
+2. Ranks: uniform, or a knapsack over error curves from a walk over the dense model.
+3. For each block in the configured order: run the calibration inputs that the already
+   compressed prefix produces through it while hooks accumulate input statistics, factorise every
+   target, swap in LowRankLinear. With `sequential=False` all statistics come from the dense model
+   (the classic one-shot baseline).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -17,10 +20,12 @@ from tqdm.auto import tqdm
 from ..allocate.uniform import kept_fraction, uniform_ranks
 from ..config import CompressConfig
 from ..errors import VaclmError
+from ..io.checkpoint import Checkpoint
 from ..methods import LayerStats, build_method
 from ..model.arch import get_submodule, spec_for, target_names
 from ..model.blocks import BlockRunner
 from ..model.surgery import dense_weight, replace_with_lowrank
+from .allocation import keep_for_target_bytes, knapsack_ranks
 from .order import block_order
 from .statistics import gradient_stats, input_stats
 
@@ -31,6 +36,7 @@ class CompressionResult:
     ranks: dict[str, int | None]  # None: kept dense
     shapes: dict[str, tuple[int, int]]
     errors: dict[str, float] = field(default_factory=dict)  # truncation error at the chosen rank
+    allocation: dict[str, dict] = field(default_factory=dict)  # knapsack: cost and estimated loss
     seconds: float = 0.0
 
     @property
@@ -42,9 +48,8 @@ class CompressionResult:
             "config": self.config.to_dict(),
             "kept_fraction": self.kept_fraction,
             "seconds": self.seconds,
-            "modules": {
-                n: {"shape": list(self.shapes[n]), "rank": self.ranks[n], "error": self.errors.get(n)} for n in self.shapes
-            },
+            "factorised": sum(r is not None for r in self.ranks.values()),
+            "targets": len(self.ranks),
         }
 
 
@@ -55,57 +60,105 @@ def check_finite(model) -> None:
 
 
 def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: dict[str, int | None] | None = None,
-                   device: str = "cpu", progress: bool = True) -> CompressionResult:
-    """Compress `model` in place with `calib` token windows (samples x seq_len)."""
+                   device: str = "cpu", progress: bool = True, checkpoint: Checkpoint | None = None,
+                   gradients: dict | None = None) -> CompressionResult:
+    """Compress `model` in place with `calib` token windows (samples x seq_len).
+
+    With a `checkpoint`, gradient statistics, ranks and every finished block are saved as they
+    are made, and whatever the checkpoint already holds is reused instead of recomputed.
+    `gradients`: precomputed gradient statistics of this model and calibration (they depend on
+    nothing else), e.g. to compare budgets or methods without recomputing them.
+    """
     start = time.time()
     spec = spec_for(model.config.model_type)
     check_finite(model)
     per_block = target_names(model, spec)
     modules = {n: get_submodule(model, n) for names in per_block for n in names}
     shapes = {n: tuple(dense_weight(m)[0].shape) for n, m in modules.items()}
-    if ranks is None:
+    if config.target_bytes is not None:
+        config = replace(config, keep=keep_for_target_bytes(model, shapes, config.target_bytes))
+    method = build_method(config.method, config.options)
+    plan_knapsack = ranks is None and config.allocation == "knapsack"
+
+    grads = {}
+    if method.needs_gradients or plan_knapsack:
+        grads = gradients or (checkpoint.gradients() if checkpoint else None)
+        if grads is not None and method.needs_cov and any(g.cov is None for g in grads.values()):
+            grads = None  # given statistics lack what this method needs
+        if grads is not None and method.needs_fisher and any(g.fisher_rows is None for g in grads.values()):
+            grads = None
+        if grads is None:
+            grads = gradient_stats(model.to(device), modules, calib, device, cov=method.needs_cov,
+                                   fisher=method.needs_fisher, progress=progress)
+            model.to("cpu")  # blocks go back to the device one at a time below
+            if checkpoint:
+                checkpoint.save_gradients(grads)
+
+    allocation = {}
+    saved_plan = checkpoint.plan() if checkpoint else None
+    if saved_plan is not None:
+        ranks, allocation = saved_plan
+    elif ranks is None and plan_knapsack:
+        ranks, allocation = knapsack_ranks(model, spec, method, modules, per_block, shapes, calib, grads, config,
+                                           device, progress, config.keep)
+    elif ranks is None:
         ranks = uniform_ranks(shapes, config.keep, config.rank_align)
+    if checkpoint and saved_plan is None:
+        checkpoint.save_plan(ranks, allocation)
     missing = set(shapes) - set(ranks)
     if missing:
         raise VaclmError(f"no rank given for {sorted(missing)[0]} (and {len(missing) - 1} more); give one per target")
-    method = build_method(config.method, config.options)
-    result = CompressionResult(config=config, ranks=dict(ranks), shapes=shapes)
-
-    grads = {}
-    if method.needs_gradients:
-        targets = {n: m for n, m in modules.items() if ranks[n] is not None}
-        grads = gradient_stats(model.to(device), targets, calib, device, progress)
-        model.to("cpu")  # blocks go back to the device one at a time below
+    result = CompressionResult(config=config, ranks=dict(ranks), shapes=shapes, allocation=allocation)
 
     runner = BlockRunner(model, spec, calib, config.batch_size, device)
     order = block_order(len(per_block), config.order if config.sequential else "front-to-back")
     pending = set(order)
+    done = checkpoint.completed if checkpoint else set()
+    if checkpoint:
+        result.errors.update(checkpoint.state["errors"])
     deferred = []  # one-shot mode: (block, stats) factorised after the dense walk
     for i in tqdm(order, desc=f"compress ({config.method})", disable=not progress, unit="block"):
-        todo = {n: get_submodule(model, n) for n in per_block[i] if ranks[n] is not None}
+        todo = [n for n in per_block[i] if ranks[n] is not None]
         pending.discard(i)
         if not todo:
             continue
-        batches = runner.inputs_for(i)
-        inputs = input_stats(runner, i, batches, todo) if method.needs_inputs else {}
+        if config.sequential and i in done:
+            _apply(model, checkpoint.load_block(i))
+            runner.block_changed(i, pending)
+            continue
+        inputs = {}
+        if i not in done and method.needs_inputs:
+            inputs = input_stats(runner, i, runner.inputs_for(i), {n: get_submodule(model, n) for n in todo})
         if config.sequential:
-            _factorise(model, method, todo, inputs, grads, result, device)
+            _factorise(model, method, i, todo, inputs, grads, result, device, checkpoint)
             runner.block_changed(i, pending)
         else:
-            deferred.append((todo, inputs))
+            deferred.append((i, todo, inputs))
             runner.prune(pending)
-    for todo, inputs in deferred:
-        _factorise(model, method, todo, inputs, grads, result, device)
+    for i, todo, inputs in deferred:
+        if i in done:
+            _apply(model, checkpoint.load_block(i))
+        else:
+            _factorise(model, method, i, todo, inputs, grads, result, device, checkpoint)
     result.seconds = time.time() - start
     return result
 
 
-def _factorise(model, method, todo, inputs, grads, result, device) -> None:
+def _apply(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for name, (up, down) in factors.items():
+        replace_with_lowrank(model, name, up, down)
+
+
+def _factorise(model, method, block, todo, inputs, grads, result, device, checkpoint) -> None:
+    made, errors = {}, {}
     for name in todo:
         weight = dense_weight(get_submodule(model, name))[0].detach().to(device)
         stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
         rank = result.ranks[name]
         factors = method.factorize(weight, stats, max_rank=rank)
-        up, down = factors.at_rank(rank)
-        replace_with_lowrank(model, name, up, down)
-        result.errors[name] = float(factors.errors[rank])
+        module = replace_with_lowrank(model, name, *factors.at_rank(rank))
+        made[name] = (module.up.weight, module.down.weight)
+        errors[name] = float(factors.errors[rank])
+    result.errors.update(errors)
+    if checkpoint:
+        checkpoint.save_block(block, made, errors)

@@ -53,17 +53,52 @@ def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[s
     return stats
 
 
+def accumulator_bytes(shape: tuple[int, int], cov: bool, fisher: bool) -> int:
+    out_f, in_f = shape
+    return 8 * (out_f + (out_f * out_f if cov else 0) + (out_f + in_f if fisher else 0))
+
+
+def gradient_groups(shapes: dict[str, tuple[int, int]], cov: bool, fisher: bool, budget: int) -> list[list[str]]:
+    """Split modules into groups whose accumulators fit `budget` bytes; one backward walk per group."""
+    groups, current, used = [], [], 0
+    for name, shape in shapes.items():
+        need = accumulator_bytes(shape, cov, fisher)
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += need
+    return groups + ([current] if current else [])
+
+
 def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, device: str,
-                   progress: bool = True) -> dict[str, GradientStats]:
+                   cov: bool, fisher: bool, progress: bool = True,
+                   memory_budget: int = 16 * 2**30) -> dict[str, GradientStats]:
     """Backward passes of the LM loss, one calibration sequence at a time.
 
     No parameter gradient is formed: the embedding output is made to require grad, so autograd
     computes only activation gradients, and a tensor hook on each target's output hands
     (x, dL/dy) of that sequence to its accumulator. Memory: the model, one sequence's
-    activations, and the accumulators (out^2 + out + in float64 per layer, on the CPU).
+    activations, and the accumulators, 8 * (out^2 + out + in) bytes per layer with everything
+    (a 14336-wide MLP projection: 1.6 GB). When all layers' accumulators exceed `memory_budget`,
+    the layers are split into groups and the calibration set is walked once per group.
     """
-    stats = {name: GradientStats(*dense_weight(m)[0].shape, device="cpu") for name, m in modules.items()}
+    shapes = {name: tuple(dense_weight(m)[0].shape) for name, m in modules.items()}
+    groups = gradient_groups(shapes, cov, fisher, memory_budget)
+    stats: dict[str, GradientStats] = {}
+    for number, group in enumerate(groups, 1):
+        part = {n: GradientStats(*shapes[n], cov=cov, fisher=fisher, device=device) for n in group}
+        desc = "gradient statistics" + (f" ({number}/{len(groups)})" if len(groups) > 1 else "")
+        _backward_walk(model, {n: modules[n] for n in group}, part, calib, device, desc, progress)
+        for name, s in part.items():
+            for field in ("sq_sum", "cov", "fisher_rows", "fisher_cols"):
+                if getattr(s, field) is not None:
+                    setattr(s, field, getattr(s, field).cpu())
+        stats.update(part)
+    return stats
 
+
+def _backward_walk(model, modules, stats, calib, device, desc, progress) -> None:
     def make_hook(name):
         def hook(module, args, output):
             x = args[0].detach()
@@ -78,12 +113,10 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
         p.requires_grad_(False)
     try:
         with _hooks(modules, make_hook):
-            for sample in tqdm(calib, desc="gradient statistics", disable=not progress, unit="seq"):
+            for sample in tqdm(calib, desc=desc, disable=not progress, unit="seq"):
                 ids = sample.unsqueeze(0).to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     finally:
         grad_on.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    return stats

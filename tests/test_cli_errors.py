@@ -1,0 +1,80 @@
+"""Bad input: one line on stderr naming the problem and the fix, a non-zero exit, nothing written."""
+
+import json
+
+import pytest
+import torch
+
+import vaclm
+from vaclm.config import CompressConfig
+from vaclm.errors import VaclmError
+
+from conftest import run_cli, token_batch, tiny_model
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("vaclm: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_model_path(tmp_path):
+    proc = run_cli("compress", str(tmp_path / "nope.gguf"), "--calib", "x", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "model not found")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
+def test_keep_out_of_range(tmp_path, keep):
+    proc = run_cli("compress", "demo", "--keep", keep, "--calib", "x", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "keep must be in (0, 1]")
+
+
+def test_output_exists_without_overwrite(tmp_path):
+    (tmp_path / "o").mkdir()
+    proc = run_cli("compress", "demo", "--calib", "x", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "already exists", "--overwrite")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    proc = run_cli("info", str(tmp_path / "bert"))
+    assert proc.returncode == 2 and "vaclm: error:" in proc.stderr
+    with pytest.raises(VaclmError, match="unsupported architecture 'bert'; supported model types: llama"):
+        from vaclm.model.arch import spec_for
+
+        spec_for("bert")
+
+
+def test_nan_weights_refused():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    with pytest.raises(VaclmError, match="model.layers.1.mlp.up_proj.weight contains NaN or Inf"):
+        vaclm.compress(model, CompressConfig(calib_samples=2, calib_seq_len=8), token_batch(2, 8), progress=False)
+
+
+def test_calibration_text_empty_or_too_short(tmp_path):
+    from vaclm.data.text import calibration_windows, load_text
+
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(VaclmError, match="is empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    with pytest.raises(VaclmError, match="too few for 32 x 512"):
+        calibration_windows(torch.arange(1000), 32, 512, seed=0)
+
+
+def test_calibration_windows_are_disjoint_and_seeded():
+    from vaclm.data.text import calibration_windows
+
+    ids = torch.arange(10_000)
+    chosen, rest = calibration_windows(ids, 8, 100, seed=3)
+    again, _ = calibration_windows(ids, 8, 100, seed=3)
+    assert torch.equal(chosen, again)
+    assert not set(chosen.flatten().tolist()) & set(rest.flatten().tolist())
+    assert chosen.shape == (8, 100) and rest.shape == (92, 100)
