@@ -18,22 +18,23 @@ VOCAB = 256
 
 
 def _configs():
+    """family -> (config class, constructor arguments)."""
     import transformers as t
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return {
-        "llama": lambda: t.LlamaConfig(**common),
-        "mistral": lambda: t.MistralConfig(**common, sliding_window=16),
-        "qwen2": lambda: t.Qwen2Config(**common),  # q/k/v carry biases
-        "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
-        "gemma": lambda: t.GemmaConfig(**common, head_dim=16),
-        "gemma3": lambda: t.Gemma3TextConfig(**common, head_dim=16, sliding_window=8),
-        "olmo": lambda: t.OlmoConfig(**common),
-        "phi3": lambda: t.Phi3Config(**common, pad_token_id=0),  # fused qkv_proj and gate_up_proj
-        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128),  # Conv1D
-        "gpt_neox": lambda: t.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128),
+        "llama": (t.LlamaConfig, common),
+        "mistral": (t.MistralConfig, {**common, "sliding_window": 16}),
+        "qwen2": (t.Qwen2Config, common),  # q/k/v carry biases
+        "qwen3": (t.Qwen3Config, {**common, "head_dim": 16}),
+        "gemma": (t.GemmaConfig, {**common, "head_dim": 16}),
+        "gemma3": (t.Gemma3TextConfig, {**common, "head_dim": 16, "sliding_window": 8}),
+        "olmo": (t.OlmoConfig, common),
+        "phi3": (t.Phi3Config, {**common, "pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
+        "gpt2": (t.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128)),  # Conv1D
+        "gpt_neox": (t.GPTNeoXConfig, dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                           num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128)),
     }
 
 
@@ -44,9 +45,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _configs()[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    cls, kwargs = _configs()[family]
+    config = cls(**{**kwargs, **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init at std 0.02 gives near-uniform outputs; widen it so layers matter.
     with torch.no_grad():

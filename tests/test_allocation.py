@@ -42,12 +42,11 @@ def random_instance(rng, items, options):
 
 
 def brute_force(costs, losses, budget):
-    best, arg = np.inf, None
+    best = np.inf
     for choice in itertools.product(*[range(len(c)) for c in costs]):
         if total(costs, choice) <= budget:
             loss = sum(l[j] for l, j in zip(losses, choice))
-            if loss < best:
-                best, arg = loss, choice
+            best = min(best, loss)
     return best
 
 

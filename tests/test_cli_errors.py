@@ -1,6 +1,5 @@
 """Bad input: one line on stderr naming the problem and the fix, a non-zero exit, nothing written."""
 
-import json
 
 import pytest
 import torch
@@ -51,12 +50,14 @@ def test_unsupported_architecture(tmp_path):
         spec_for("bert")
 
 
-def test_nan_weights_refused():
+def test_nan_weights_refused_and_nothing_left_behind(tmp_path):
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(VaclmError, match="model.layers.1.mlp.up_proj.weight contains NaN or Inf"):
-        vaclm.compress(model, CompressConfig(calib_samples=2, calib_seq_len=8), token_batch(2, 8), progress=False)
+        vaclm.compress(model, CompressConfig(calib_samples=2, calib_seq_len=8), token_batch(2, 8), progress=False,
+                       checkpoint_dir=tmp_path / "out.partial")
+    assert not (tmp_path / "out.partial").exists()
 
 
 def test_calibration_text_empty_or_too_short(tmp_path):

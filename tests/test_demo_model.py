@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import vaclm
 from vaclm.config import CompressConfig

@@ -91,3 +91,35 @@ def test_every_method_compresses_gpt2_and_qwen2(method):
                                 token_batch(4, 16), progress=False)
         assert torch.isfinite(logits(model, token_batch(1, 8))).all()
         assert all(e >= 0 for e in result.errors.values())
+
+
+@pytest.mark.parametrize("method", ["gfwsvd", "svd-llm"])
+def test_knapsack_allocation_meets_budget_and_differs_from_uniform(method, tmp_path):
+    model = tiny_model("qwen2", num_hidden_layers=4)
+    config = CompressConfig(keep=0.5, method=method, allocation="knapsack", calib_samples=6, calib_seq_len=24)
+    result = vaclm.compress(model, config, token_batch(6, 24), progress=False)
+    total = sum(o * i for o, i in result.shapes.values())
+    largest_step = max(8 * (o + i) for o, i in result.shapes.values())
+    assert 0.5 - largest_step / total <= result.kept_fraction <= 0.5
+    uniform = vaclm.compress(tiny_model("qwen2", num_hidden_layers=4), CompressConfig(keep=0.5, method=method),
+                             token_batch(6, 24), progress=False)
+    assert result.ranks != uniform.ranks
+    assert all(m["estimated_loss"] is not None for m in result.allocation.values())
+    vaclm.save(model, tmp_path / "m", result=result)
+    table = __import__("json").loads((tmp_path / "m" / "allocation.json").read_text())
+    assert table["modules"]["model.layers.0.mlp.up_proj"]["rank"] == result.ranks["model.layers.0.mlp.up_proj"]
+    assert (tmp_path / "m" / "allocation.png").stat().st_size > 1000
+
+
+def test_target_size_budget_in_bytes():
+    model = tiny_model("llama")
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    target = int(dense_bytes * 0.8)
+    result = vaclm.compress(model, CompressConfig(target_bytes=target, calib_samples=4, calib_seq_len=16),
+                            token_batch(4, 16), progress=False)
+    now = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert now <= target and now > 0.7 * dense_bytes
+    assert result.config.keep < 0.8  # the budget became a keep fraction of the decoder linears
+    with pytest.raises(vaclm.VaclmError, match="out of reach"):
+        vaclm.compress(tiny_model("llama"), CompressConfig(target_bytes=1000, calib_samples=4, calib_seq_len=16),
+                       token_batch(4, 16), progress=False)

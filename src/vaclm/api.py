@@ -58,8 +58,13 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
         model_id = f"{model.config.model_type}:{getattr(model.config, '_name_or_path', '')}:{model.num_parameters()}"
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), ids, model_id), resume)
     torch.manual_seed(config.seed)
-    return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
-                          checkpoint=checkpoint, gradients=gradients)
+    try:
+        return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
+                              checkpoint=checkpoint, gradients=gradients)
+    except BaseException:
+        if checkpoint is not None and checkpoint.is_empty():
+            checkpoint.remove()  # nothing worth resuming: leave no trace of a run that failed at once
+        raise
 
 
 def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = False) -> Path:

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dense", action="store_true", required=True, help="multiply factors back: an ordinary checkpoint")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
+    _common(x)
     return parser
 
 
@@ -132,7 +133,7 @@ def cmd_info(args) -> dict:
 def cmd_export(args) -> dict:
     from .io.export import export_dense
 
-    export_dense(args.model, Path(args.out), overwrite=args.overwrite)
+    export_dense(args.model, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote dense checkpoint {args.out}")
     return {"out": args.out}
 

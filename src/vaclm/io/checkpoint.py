@@ -128,5 +128,8 @@ class Checkpoint:
         names = {k.rsplit(".", 1)[0] for k in tensors}
         return {n: (tensors[f"{n}.up"], tensors[f"{n}.down"]) for n in names}
 
+    def is_empty(self) -> bool:
+        return not self.state["completed"] and not (self.folder / "gradients.safetensors").exists()
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

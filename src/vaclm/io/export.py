@@ -24,12 +24,12 @@ def to_dense(model) -> None:
     model.config.__dict__.pop("_is_quantized", None)
 
 
-def export_dense(source: str, out: Path, overwrite: bool = False) -> Path:
+def export_dense(source: str, out: Path, overwrite: bool = False, dtype: str = "auto") -> Path:
     from ..model.loading import load_model
     from .save import check_output, lowrank_ranks, save_model
 
     check_output(Path(out), overwrite)
-    model, tokenizer = load_model(source, dtype="float32")
+    model, tokenizer = load_model(source, dtype=dtype)
     if not lowrank_ranks(model):
         raise VaclmError(f"{source} has no factorised layers; there is nothing to export densely")
     to_dense(model)

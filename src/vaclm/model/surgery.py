@@ -6,8 +6,28 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from .arch import get_submodule, set_submodule
+from dataclasses import dataclass
+
+from .arch import ArchSpec, get_submodule, set_submodule, spec_for, target_names
 from .lowrank import LowRankLinear
+
+
+@dataclass
+class Targets:
+    """The linear layers a model's compression touches, block by block, with their dense shapes."""
+
+    spec: ArchSpec
+    per_block: list[list[str]]
+    modules: dict[str, nn.Module]
+    shapes: dict[str, tuple[int, int]]  # (out, in)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Targets":
+        spec = spec_for(model.config.model_type)
+        per_block = target_names(model, spec)
+        modules = {n: get_submodule(model, n) for names in per_block for n in names}
+        shapes = {n: tuple(dense_weight(m)[0].shape) for n, m in modules.items()}
+        return cls(spec, per_block, modules, shapes)
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,7 +16,7 @@ from ..allocate.knapsack import solve_lagrangian, total
 from ..errors import VaclmError
 from ..methods import LayerStats
 from ..model.blocks import BlockRunner
-from ..model.surgery import dense_weight
+from ..model.surgery import Targets, dense_weight
 from .statistics import input_stats
 
 
@@ -35,9 +35,10 @@ def keep_for_target_bytes(model, shapes: dict[str, tuple[int, int]], target_byte
     return keep
 
 
-def knapsack_ranks(model, spec, method, modules, per_block, shapes, calib, grads, config, device, progress,
-                   keep: float) -> tuple[dict[str, int | None], dict[str, dict]]:
-    runner = BlockRunner(model, spec, calib, config.batch_size, device)
+def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device, progress
+                   ) -> tuple[dict[str, int | None], dict[str, dict]]:
+    per_block, modules, shapes, keep = targets.per_block, targets.modules, targets.shapes, config.keep
+    runner = BlockRunner(model, targets.spec, calib, config.batch_size, device)
     options: dict[str, Candidates] = {}
     for i in tqdm(range(len(per_block)), desc="allocation: error curves", disable=not progress, unit="block"):
         batches = runner.inputs_for(i)

@@ -22,9 +22,9 @@ from ..config import CompressConfig
 from ..errors import VaclmError
 from ..io.checkpoint import Checkpoint
 from ..methods import LayerStats, build_method
-from ..model.arch import get_submodule, spec_for, target_names
+from ..model.arch import get_submodule
 from ..model.blocks import BlockRunner
-from ..model.surgery import dense_weight, replace_with_lowrank
+from ..model.surgery import Targets, dense_weight, replace_with_lowrank
 from .allocation import keep_for_target_bytes, knapsack_ranks
 from .order import block_order
 from .statistics import gradient_stats, input_stats
@@ -70,37 +70,23 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     nothing else), e.g. to compare budgets or methods without recomputing them.
     """
     start = time.time()
-    spec = spec_for(model.config.model_type)
     check_finite(model)
-    per_block = target_names(model, spec)
-    modules = {n: get_submodule(model, n) for names in per_block for n in names}
-    shapes = {n: tuple(dense_weight(m)[0].shape) for n, m in modules.items()}
+    targets = Targets.of(model)
+    per_block, shapes = targets.per_block, targets.shapes
     if config.target_bytes is not None:
         config = replace(config, keep=keep_for_target_bytes(model, shapes, config.target_bytes))
     method = build_method(config.method, config.options)
     plan_knapsack = ranks is None and config.allocation == "knapsack"
-
     grads = {}
     if method.needs_gradients or plan_knapsack:
-        grads = gradients or (checkpoint.gradients() if checkpoint else None)
-        if grads is not None and method.needs_cov and any(g.cov is None for g in grads.values()):
-            grads = None  # given statistics lack what this method needs
-        if grads is not None and method.needs_fisher and any(g.fisher_rows is None for g in grads.values()):
-            grads = None
-        if grads is None:
-            grads = gradient_stats(model.to(device), modules, calib, device, cov=method.needs_cov,
-                                   fisher=method.needs_fisher, progress=progress)
-            model.to("cpu")  # blocks go back to the device one at a time below
-            if checkpoint:
-                checkpoint.save_gradients(grads)
+        grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint)
 
     allocation = {}
     saved_plan = checkpoint.plan() if checkpoint else None
     if saved_plan is not None:
         ranks, allocation = saved_plan
     elif ranks is None and plan_knapsack:
-        ranks, allocation = knapsack_ranks(model, spec, method, modules, per_block, shapes, calib, grads, config,
-                                           device, progress, config.keep)
+        ranks, allocation = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
     elif ranks is None:
         ranks = uniform_ranks(shapes, config.keep, config.rank_align)
     if checkpoint and saved_plan is None:
@@ -110,7 +96,7 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
         raise VaclmError(f"no rank given for {sorted(missing)[0]} (and {len(missing) - 1} more); give one per target")
     result = CompressionResult(config=config, ranks=dict(ranks), shapes=shapes, allocation=allocation)
 
-    runner = BlockRunner(model, spec, calib, config.batch_size, device)
+    runner = BlockRunner(model, targets.spec, calib, config.batch_size, device)
     order = block_order(len(per_block), config.order if config.sequential else "front-to-back")
     pending = set(order)
     done = checkpoint.completed if checkpoint else set()
@@ -142,6 +128,20 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
             _factorise(model, method, i, todo, inputs, grads, result, device, checkpoint)
     result.seconds = time.time() - start
     return result
+
+
+def _gradients(model, targets, method, calib, device, progress, given, checkpoint) -> dict:
+    """Given statistics if they hold what the method needs, else the checkpoint's, else computed."""
+    for grads in (given, checkpoint.gradients() if checkpoint else None):
+        if grads and not (method.needs_cov and any(g.cov is None for g in grads.values())) and not (
+                method.needs_fisher and any(g.fisher_rows is None for g in grads.values())):
+            return grads
+    grads = gradient_stats(model.to(device), targets.modules, calib, device, cov=method.needs_cov,
+                           fisher=method.needs_fisher, progress=progress)
+    model.to("cpu")  # blocks go back to the device one at a time
+    if checkpoint:
+        checkpoint.save_gradients(grads)
+    return grads
 
 
 def _apply(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
