@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     c.add_argument("--order", default="front-to-back", choices=ORDERS)
     c.add_argument("--one-shot", action="store_true", help="statistics from the dense model (no sequential re-capture)")
+    c.add_argument("--within-block", action="store_true",
+                   help="sequential inside each block too: later projections see the compressed earlier ones")
     c.add_argument("--calib", required=True, help="calibration text: file, folder of .txt, or wikitext2 / c4")
     c.add_argument("--calib-samples", type=int, default=32)
     c.add_argument("--calib-seq-len", type=int, default=512)
@@ -85,7 +87,7 @@ def cmd_compress(args) -> dict:
 
     config = CompressConfig(
         keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
-        sequential=not args.one_shot, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        sequential=not args.one_shot, within_block=args.within_block, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),

@@ -52,6 +52,8 @@ class CompressConfig:
     rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
     order: str = "front-to-back"
     sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
+    # also sequential inside a block: attention projections first, then the MLP sees their output
+    within_block: bool = False
     calib_samples: int = 32
     calib_seq_len: int = 512
     batch_size: int = 4

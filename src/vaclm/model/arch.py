@@ -13,13 +13,10 @@ import torch.nn as nn
 from ..errors import VaclmError
 
 _LLAMA_LIKE = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
 )
 
 
@@ -28,8 +25,13 @@ class ArchSpec:
     family: str
     model_types: tuple[str, ...]
     blocks: str  # attribute path of the ModuleList of decoder blocks
-    targets: tuple[str, ...]  # linear modules inside one block
+    # linear modules inside one block, in the order the block uses them, grouped by shared input
+    stages: tuple[tuple[str, ...], ...]
     conv1d: bool = False  # weights stored transposed (in x out), as GPT-2's Conv1D
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for stage in self.stages for t in stage)
 
 
 SPECS = (
@@ -43,14 +45,20 @@ SPECS = (
         "phi3",
         ("phi3",),
         "model.layers",
-        ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+        (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     ),
-    ArchSpec("gpt2", ("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), conv1d=True),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+    ),
     ArchSpec(
         "gpt-neox",
         ("gpt_neox",),
         "gpt_neox.layers",
-        ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
     ),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for spec in SPECS for t in spec.model_types)

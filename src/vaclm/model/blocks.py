@@ -22,6 +22,10 @@ class _Stop(Exception):
     pass
 
 
+class StopBlock(Exception):
+    """Raised by a hook once it has what it needs: the rest of the block is skipped for that batch."""
+
+
 def move(obj: Any, device) -> Any:
     """Tensors inside nested tuples/lists/dicts moved to `device`; everything else unchanged."""
     if isinstance(obj, torch.Tensor):
@@ -122,7 +126,10 @@ class BlockRunner:
             for x in batches:
                 if before_batch is not None:
                     before_batch()
-                outputs.append(_output(block(x.to(self.device), *args, **kwargs)).to(self.storage))
+                try:
+                    outputs.append(_output(block(x.to(self.device), *args, **kwargs)).to(self.storage))
+                except StopBlock:
+                    pass
         return outputs
 
     def inputs_for(self, i: int) -> list[torch.Tensor]:

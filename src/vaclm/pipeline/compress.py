@@ -112,20 +112,31 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
             _apply(model, checkpoint.load_block(i))
             runner.block_changed(i, pending)
             continue
-        inputs = {}
-        if i not in done and method.needs_inputs:
-            inputs = input_stats(runner, i, runner.inputs_for(i), {n: get_submodule(model, n) for n in todo})
         if config.sequential:
-            _factorise(model, method, i, todo, inputs, grads, result, device, checkpoint)
+            made, errors = {}, {}
+            for stage in _stages(targets, i, todo, config.within_block):
+                inputs = {}
+                if method.needs_inputs:
+                    inputs = input_stats(runner, i, runner.inputs_for(i), {n: get_submodule(model, n) for n in stage},
+                                         stop_early=config.within_block)
+                _factorise(model, method, stage, inputs, grads, result, device, made, errors)
+            if checkpoint:
+                checkpoint.save_block(i, made, errors)
             runner.block_changed(i, pending)
         else:
+            inputs = {}
+            if i not in done and method.needs_inputs:
+                inputs = input_stats(runner, i, runner.inputs_for(i), {n: get_submodule(model, n) for n in todo})
             deferred.append((i, todo, inputs))
             runner.prune(pending)
     for i, todo, inputs in deferred:
         if i in done:
             _apply(model, checkpoint.load_block(i))
         else:
-            _factorise(model, method, i, todo, inputs, grads, result, device, checkpoint)
+            made, errors = {}, {}
+            _factorise(model, method, todo, inputs, grads, result, device, made, errors)
+            if checkpoint:
+                checkpoint.save_block(i, made, errors)
     result.seconds = time.time() - start
     return result
 
@@ -149,9 +160,18 @@ def _apply(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None
         replace_with_lowrank(model, name, up, down)
 
 
-def _factorise(model, method, block, todo, inputs, grads, result, device, checkpoint) -> None:
-    made, errors = {}, {}
-    for name in todo:
+def _stages(targets: Targets, block: int, todo: list[str], within_block: bool) -> list[list[str]]:
+    """The groups factorised between two statistics passes: the whole block, or its stages in order."""
+    if not within_block:
+        return [todo]
+    prefix = f"{targets.spec.blocks}.{block}."
+    stages = [[prefix + t for t in stage if prefix + t in todo] for stage in targets.spec.stages]
+    return [s for s in stages if s]
+
+
+def _factorise(model, method, names, inputs, grads, result, device, made, errors) -> None:
+    """Factorise `names` in place; their factors and errors are added to `made` and `errors`."""
+    for name in names:
         weight = dense_weight(get_submodule(model, name))[0].detach().to(device)
         stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
         rank = result.ranks[name]
@@ -159,6 +179,4 @@ def _factorise(model, method, block, todo, inputs, grads, result, device, checkp
         module = replace_with_lowrank(model, name, *factors.at_rank(rank))
         made[name] = (module.up.weight, module.down.weight)
         errors[name] = float(factors.errors[rank])
-    result.errors.update(errors)
-    if checkpoint:
-        checkpoint.save_block(block, made, errors)
+        result.errors[name] = errors[name]

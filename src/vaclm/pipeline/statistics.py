@@ -9,6 +9,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..linalg.stats import GradientStats, InputStats
+from ..model.blocks import StopBlock
 from ..model.surgery import dense_weight
 
 
@@ -22,34 +23,44 @@ def _hooks(modules: dict[str, nn.Module], make_hook):
             h.remove()
 
 
-def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, InputStats]:
+def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[str, nn.Module],
+                stop_early: bool = False) -> dict[str, InputStats]:
     """Input Gram and mean |x| of each module while the runner runs `block` on `batches`.
 
     Modules fed the very same tensor (q/k/v, gate/up) share one accumulator: it is the same Gram.
+    With `stop_early` the rest of the block is skipped once every module has seen its batch.
     """
     stats: dict[str, InputStats] = {}
     followers: set[str] = set()  # modules whose accumulator belongs to another module
     this_batch: list[tuple[torch.Tensor, InputStats]] = []
+    seen: set[str] = set()
+
+    def start_batch():
+        this_batch.clear()
+        seen.clear()
 
     def make_hook(name):
         def hook(module, args, output):
             x = args[0]
-            if name in followers:
-                return
-            if name not in stats:
-                shared = next((s for t, s in this_batch if t is x), None)
-                if shared is not None:
-                    stats[name] = shared
-                    followers.add(name)
-                    return
-                stats[name] = InputStats(x.shape[-1], device=x.device)
-            stats[name].add_batch(x)
-            this_batch.append((x, stats[name]))
+            seen.add(name)
+            if name not in followers:
+                if name not in stats:
+                    shared = next((s for t, s in this_batch if t is x), None)
+                    if shared is not None:
+                        stats[name] = shared
+                        followers.add(name)
+                if name not in followers:
+                    if name not in stats:
+                        stats[name] = InputStats(x.shape[-1], device=x.device)
+                    stats[name].add_batch(x)
+                    this_batch.append((x, stats[name]))
+            if stop_early and len(seen) == len(modules):
+                raise StopBlock
 
         return hook
 
     with _hooks(modules, make_hook):
-        runner.run_block(block, batches, before_batch=this_batch.clear)
+        runner.run_block(block, batches, before_batch=start_batch)
     return stats
 
 
