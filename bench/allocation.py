@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import compress_and_eval, run_worker, write_results
+from common import RESULTS, compress_and_eval, run_worker, write_results
 
 SETTINGS = [
     {"allocation": "uniform", "order": "front-to-back", "sequential": True},
@@ -21,6 +21,7 @@ SETTINGS = [
     {"allocation": "knapsack", "order": "front-to-back", "sequential": False},
     {"allocation": "knapsack", "order": "middle-out", "sequential": True},
     {"allocation": "knapsack", "order": "back-to-front", "sequential": True},
+    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "within_block": True},
 ]
 
 
@@ -31,25 +32,45 @@ def main() -> None:
     p.add_argument("--keeps", nargs="+", type=float, default=[0.8, 0.6])
     p.add_argument("--settings", nargs="+", type=int, default=list(range(len(SETTINGS))),
                    help="indices into SETTINGS")
+    p.add_argument("--runs", nargs="+", default=None, help="explicit KEEP:SETTING pairs, e.g. 0.6:2 0.8:2")
+    p.add_argument("--merge", action="store_true", help="add to the existing results (replacing equal settings)")
     args = p.parse_args()
     if args.worker:
         method, keep, settings = args.worker
         print(json.dumps(compress_and_eval(method, float(keep), **json.loads(settings))))
         return
+    pairs = [tuple(r.split(":")) for r in args.runs] if args.runs else \
+        [(str(k), str(i)) for k in args.keeps for i in args.settings]
     rows = []
     for method in args.methods:
-        for keep in args.keeps:
-            for i in args.settings:
-                rows.append(run_worker(__file__, [method, str(keep), json.dumps(SETTINGS[i])]))
-                print(rows[-1], flush=True)
+        for keep, i in pairs:
+            rows.append(run_worker(__file__, [method, keep, json.dumps(SETTINGS[int(i)])]))
+            print(rows[-1], flush=True)
+            if args.merge:  # keep what is done even if a later run is interrupted
+                rows = merge(rows)
+                write_results("allocation", rows, render(rows))
+    rows = merge(rows) if args.merge else rows
+    write_results("allocation", rows, render(rows))
+    print(render(rows))
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    key = lambda r: json.dumps({k: r.get(k) for k in ("method", "keep", "allocation", "order", "sequential",
+                                                       "within_block", "options")}, sort_keys=True)
+    old = json.loads((RESULTS / "allocation.json").read_text()) if (RESULTS / "allocation.json").exists() else []
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in rows})
+    return list(merged.values())
+
+
+def render(rows: list[dict]) -> str:
     lines = ["| method | keep | allocation | order | sequential | kept fraction | PPL | compress s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['keep']} | {r['allocation']} | {r['order']} | "
-                     f"{'yes' if r['sequential'] else 'no (one-shot)'} | {r['kept_fraction']:.4f} | {r['ppl']:.2f} | "
-                     f"{r['compress_seconds']:.0f} |")
-    write_results("allocation", rows, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        seq = ("within blocks too" if r.get("within_block") else "yes") if r["sequential"] else "no (one-shot)"
+        lines.append(f"| {r['method']} | {r['keep']} | {r['allocation']} | {r['order']} | {seq} | "
+                     f"{r['kept_fraction']:.4f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

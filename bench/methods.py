@@ -51,20 +51,27 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=ALL_METHODS)
     p.add_argument("--keeps", nargs="+", type=float, default=[0.9, 0.8, 0.6])
     p.add_argument("--name", default="methods")
+    p.add_argument("--merge", action="store_true", help="replace matching rows of the existing results, keep the rest")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
     args = p.parse_args()
     if args.worker:
         method, keep, *extra = args.worker
         print(json.dumps(worker(method, float(keep), extra)))
         return
-    rows = [run_worker(__file__, ["dense", "1.0"])]
-    print(rows[-1], flush=True)
+    rows = [] if args.no_dense else [run_worker(__file__, ["dense", "1.0"])]
     runs = [(m, k, {}) for m in args.methods for k in args.keeps]
     if "fwsvd" in args.methods:  # VAC's exponent against FWSVD's, and VAC's row+column scaling
         runs += [("fwsvd", 0.8, {"options": {"fisher_exponent": 0.5}}),
-                 ("fwsvd", 0.8, {"options": {"fisher_mode": "rows+cols"}})]
+                 ("fwsvd", 0.8, {"options": {"fisher_mode": "rows"}}),
+                 ("fwsvd", 0.8, {"options": {"fisher_mode": "rows", "fisher_exponent": 0.5}})]
     for method, keep, extra in runs:
         rows.append(run_worker(__file__, [method, str(keep), json.dumps(extra)]))
         print(rows[-1], flush=True)
+    if args.merge and (RESULTS / f"{args.name}.json").exists():
+        key = lambda r: (r["method"], r["keep"], json.dumps(r.get("options", {}), sort_keys=True))
+        new = {key(r) for r in rows}
+        old = [r for r in json.loads((RESULTS / f"{args.name}.json").read_text()) if key(r) not in new]
+        rows = old + rows
     lines = ["| method | keep | kept fraction | PPL | compress s | peak RSS GB |", "|---|---|---|---|---|---|"]
     for r in rows:
         label = r["method"] + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"

@@ -56,6 +56,13 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def svd_llm_config(**overrides):
+    """svd-llm with uniform ranks: the baseline most pipeline tests use (the defaults are slower)."""
+    from vaclm.config import CompressConfig
+
+    return CompressConfig(**{"method": "svd-llm", "allocation": "uniform", **overrides})
+
+
 def token_batch(samples: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (samples, seq_len), generator=g)

@@ -99,5 +99,6 @@ def test_lagrangian_solves_210_matrices_fast():
     rng = np.random.default_rng(0)
     cands = [candidates(s, np.sort(rng.random(min(s) + 1))[::-1], 1.0, 8) for s in DEMO_SHAPES.values()]
     start = time.perf_counter()
-    solve_lagrangian([c.costs for c in cands], [c.losses for c in cands], 0.7 * sum(o * i for o, i in DEMO_SHAPES.values()))
+    budget = 0.7 * sum(o * i for o, i in DEMO_SHAPES.values())
+    solve_lagrangian([c.costs for c in cands], [c.losses for c in cands], budget)
     assert time.perf_counter() - start < 1.0

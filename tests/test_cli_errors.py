@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import vaclm
-from vaclm.config import CompressConfig
 from vaclm.errors import VaclmError
 
-from conftest import run_cli, token_batch, tiny_model
+from conftest import run_cli, token_batch, tiny_model, svd_llm_config
 
 
 def assert_one_line_error(proc, *fragments):
@@ -55,7 +54,7 @@ def test_nan_weights_refused_and_nothing_left_behind(tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(VaclmError, match="model.layers.1.mlp.up_proj.weight contains NaN or Inf"):
-        vaclm.compress(model, CompressConfig(calib_samples=2, calib_seq_len=8), token_batch(2, 8), progress=False,
+        vaclm.compress(model, svd_llm_config(calib_samples=2, calib_seq_len=8), token_batch(2, 8), progress=False,
                        checkpoint_dir=tmp_path / "out.partial")
     assert not (tmp_path / "out.partial").exists()
 
@@ -79,3 +78,13 @@ def test_calibration_windows_are_disjoint_and_seeded():
     assert torch.equal(chosen, again)
     assert not set(chosen.flatten().tolist()) & set(rest.flatten().tolist())
     assert chosen.shape == (8, 100) and rest.shape == (92, 100)
+
+
+def test_target_size_parsing():
+    import argparse
+
+    from vaclm.cli import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("400MiB") == 400 * 2**20 and parse_size("123") == 123
+    with pytest.raises(argparse.ArgumentTypeError, match="write it like 5GB"):
+        parse_size("five gigs")

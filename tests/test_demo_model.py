@@ -24,7 +24,8 @@ def demo(demo_folder):
 def compressed_ppl(demo, method, keep):
     folder, test_ids, calib, _ = demo
     model, _ = vaclm.load(str(folder))
-    result = vaclm.compress(model, CompressConfig(keep=keep, method=method), calib, progress=False)
+    config = CompressConfig(allocation="uniform", keep=keep, method=method)
+    result = vaclm.compress(model, config, calib, progress=False)
     return model, result, perplexity(model, test_ids, 256, 4, progress=False)["ppl"]
 
 

@@ -11,7 +11,7 @@ from vaclm.model.arch import get_submodule, spec_for, target_names
 from vaclm.model.lowrank import LowRankLinear
 from vaclm.model.surgery import dense_weight
 
-from conftest import FAMILIES, token_batch, tiny_model
+from conftest import FAMILIES, token_batch, tiny_model, svd_llm_config
 
 
 def logits(model, ids):
@@ -29,7 +29,7 @@ def test_full_rank_pipeline_gives_identical_logits(family):
     model = tiny_model(family)
     ids = token_batch(2, 24, seed=5)
     before = logits(model, ids)
-    vaclm.compress(model, CompressConfig(method="svd-llm", calib_samples=4, calib_seq_len=16), token_batch(4, 16),
+    vaclm.compress(model, svd_llm_config(calib_samples=4, calib_seq_len=16), token_batch(4, 16),
                    ranks=full_ranks(model), progress=False)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(full_ranks(model))
     torch.testing.assert_close(logits(model, ids), before, atol=2e-4, rtol=1e-4)
@@ -38,7 +38,7 @@ def test_full_rank_pipeline_gives_identical_logits(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compress_save_reload_and_dense_export(family, tmp_path):
     model = tiny_model(family)
-    result = vaclm.compress(model, CompressConfig(keep=0.5, method="svd-llm", calib_samples=8, calib_seq_len=16),
+    result = vaclm.compress(model, svd_llm_config(keep=0.5, calib_samples=8, calib_seq_len=16),
                             token_batch(8, 16), progress=False)
     assert abs(result.kept_fraction - 0.5) < 0.1
     ids = token_batch(2, 20, seed=7)
@@ -61,11 +61,11 @@ def test_compress_save_reload_and_dense_export(family, tmp_path):
 @pytest.mark.parametrize("order", ["front-to-back", "back-to-front", "middle-out"])
 def test_orders_and_one_shot_compress_every_block(order):
     model = tiny_model("llama")
-    result = vaclm.compress(model, CompressConfig(keep=0.6, order=order, calib_samples=4, calib_seq_len=16),
+    result = vaclm.compress(model, svd_llm_config(keep=0.6, order=order, calib_samples=4, calib_seq_len=16),
                             token_batch(4, 16), progress=False)
     assert all(isinstance(get_submodule(model, n), LowRankLinear) for n, r in result.ranks.items() if r)
     one_shot = tiny_model("llama")
-    r2 = vaclm.compress(one_shot, CompressConfig(keep=0.6, sequential=False, calib_samples=4, calib_seq_len=16),
+    r2 = vaclm.compress(one_shot, svd_llm_config(keep=0.6, sequential=False, calib_samples=4, calib_seq_len=16),
                         token_batch(4, 16), progress=False)
     assert r2.ranks == result.ranks
     if order == "front-to-back":  # first block sees identical (dense) inputs in both modes
@@ -76,7 +76,7 @@ def test_orders_and_one_shot_compress_every_block(order):
 
 def test_sequential_recapture_changes_later_blocks():
     seq, one = tiny_model("llama"), tiny_model("llama")
-    cfg = CompressConfig(keep=0.4, calib_samples=4, calib_seq_len=16)
+    cfg = svd_llm_config(keep=0.4, calib_samples=4, calib_seq_len=16)
     vaclm.compress(seq, cfg, token_batch(4, 16), progress=False)
     vaclm.compress(one, CompressConfig(**{**cfg.__dict__, "sequential": False}), token_batch(4, 16), progress=False)
     last = "model.layers.2.mlp.down_proj"
@@ -87,8 +87,8 @@ def test_sequential_recapture_changes_later_blocks():
 def test_every_method_compresses_gpt2_and_qwen2(method):
     for family in ("gpt2", "qwen2"):
         model = tiny_model(family)
-        result = vaclm.compress(model, CompressConfig(keep=0.6, method=method, calib_samples=4, calib_seq_len=16),
-                                token_batch(4, 16), progress=False)
+        config = CompressConfig(allocation="uniform", keep=0.6, method=method, calib_samples=4, calib_seq_len=16)
+        result = vaclm.compress(model, config, token_batch(4, 16), progress=False)
         assert torch.isfinite(logits(model, token_batch(1, 8))).all()
         assert all(e >= 0 for e in result.errors.values())
 
@@ -101,8 +101,9 @@ def test_knapsack_allocation_meets_budget_and_differs_from_uniform(method, tmp_p
     total = sum(o * i for o, i in result.shapes.values())
     largest_step = max(8 * (o + i) for o, i in result.shapes.values())
     assert 0.5 - largest_step / total <= result.kept_fraction <= 0.5
-    uniform = vaclm.compress(tiny_model("qwen2", num_hidden_layers=4), CompressConfig(keep=0.5, method=method),
-                             token_batch(6, 24), progress=False)
+    uniform = vaclm.compress(tiny_model("qwen2", num_hidden_layers=4),
+                             CompressConfig(allocation="uniform", keep=0.5, method=method), token_batch(6, 24),
+                             progress=False)
     assert result.ranks != uniform.ranks
     assert all(m["estimated_loss"] is not None for m in result.allocation.values())
     vaclm.save(model, tmp_path / "m", result=result)
@@ -115,13 +116,13 @@ def test_target_size_budget_in_bytes():
     model = tiny_model("llama")
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = int(dense_bytes * 0.8)
-    result = vaclm.compress(model, CompressConfig(target_bytes=target, calib_samples=4, calib_seq_len=16),
+    result = vaclm.compress(model, svd_llm_config(target_bytes=target, calib_samples=4, calib_seq_len=16),
                             token_batch(4, 16), progress=False)
     now = sum(p.numel() * p.element_size() for p in model.parameters())
     assert now <= target and now > 0.7 * dense_bytes
     assert result.config.keep < 0.8  # the budget became a keep fraction of the decoder linears
     with pytest.raises(vaclm.VaclmError, match="out of reach"):
-        vaclm.compress(tiny_model("llama"), CompressConfig(target_bytes=1000, calib_samples=4, calib_seq_len=16),
+        vaclm.compress(tiny_model("llama"), svd_llm_config(target_bytes=1000, calib_samples=4, calib_seq_len=16),
                        token_batch(4, 16), progress=False)
 
 
@@ -129,16 +130,17 @@ def test_target_size_budget_in_bytes():
 def test_within_block_sequential(family):
     ids = token_batch(4, 16)
     plain, inner = tiny_model(family), tiny_model(family)
-    vaclm.compress(plain, CompressConfig(keep=0.5, calib_samples=4, calib_seq_len=16), ids, progress=False)
-    vaclm.compress(inner, CompressConfig(keep=0.5, within_block=True, calib_samples=4, calib_seq_len=16), ids,
+    vaclm.compress(plain, svd_llm_config(keep=0.5, calib_samples=4, calib_seq_len=16), ids, progress=False)
+    vaclm.compress(inner, svd_llm_config(keep=0.5, within_block=True, calib_samples=4, calib_seq_len=16), ids,
                    progress=False)
     spec = spec_for(plain.config.model_type)
     first, last = (f"{spec.blocks}.0.{spec.stages[0][0]}", f"{spec.blocks}.0.{spec.stages[-1][0]}")
     # the first stage sees the same inputs either way; the last sees the compressed earlier stages
-    torch.testing.assert_close(dense_weight(get_submodule(plain, first))[0], dense_weight(get_submodule(inner, first))[0])
-    assert not torch.allclose(dense_weight(get_submodule(plain, last))[0], dense_weight(get_submodule(inner, last))[0])
+    weight = lambda model, name: dense_weight(get_submodule(model, name))[0]
+    torch.testing.assert_close(weight(plain, first), weight(inner, first))
+    assert not torch.allclose(weight(plain, last), weight(inner, last))
     full = tiny_model(family)
     before = logits(full, ids)
-    vaclm.compress(full, CompressConfig(within_block=True, calib_samples=4, calib_seq_len=16), ids,
+    vaclm.compress(full, svd_llm_config(within_block=True, calib_samples=4, calib_seq_len=16), ids,
                    ranks=full_ranks(full), progress=False)
     torch.testing.assert_close(logits(full, ids), before, atol=2e-4, rtol=1e-4)

@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vaclm
-from vaclm.config import CompressConfig
 from vaclm.errors import VaclmError
 from vaclm.model.loading import load_model
 
-from conftest import token_batch, tiny_model
+from conftest import token_batch, tiny_model, svd_llm_config
 
 FRESH = """
 import sys, torch, vaclm
@@ -30,7 +29,7 @@ with torch.no_grad():
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "model"
     model = tiny_model("qwen2")  # q/k/v biases travel with the up factor
-    result = vaclm.compress(model, CompressConfig(keep=0.5, calib_samples=4, calib_seq_len=16), token_batch(4, 16),
+    result = vaclm.compress(model, svd_llm_config(keep=0.5, calib_samples=4, calib_seq_len=16), token_batch(4, 16),
                             progress=False)
     vaclm.save(model, folder, result=result)
     ids = torch.arange(40).remainder(256).view(2, 20)

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-align", type=int, default=8)
     c.add_argument("--damping", type=float, default=MethodOptions.damping, help="relative damping of Gram matrices")
     c.add_argument("--fisher-exponent", type=float, default=MethodOptions.fisher_exponent, help="fwsvd: s(F) = F^p")
-    c.add_argument("--fisher-mode", default="rows", choices=("rows", "rows+cols"))
+    c.add_argument("--fisher-mode", default=MethodOptions.fisher_mode, choices=("rows", "rows+cols"))
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -25,8 +25,8 @@ class MethodOptions:
     damping: float = 1e-6
     # fwsvd: scaling s(F) = F**p of the Fisher importances (VAC: p = 1/3 beats 1/2).
     fisher_exponent: float = 1.0 / 3.0
-    # fwsvd: "rows" (FWSVD) or "rows+cols" (VAC).
-    fisher_mode: str = "rows"
+    # fwsvd: "rows+cols" (VAC) or "rows" (FWSVD; collapses on the demo model, see the README).
+    fisher_mode: str = "rows+cols"
     # fwsvd/asvd: scales are clamped to [mean/clamp, mean*clamp] so no row or column vanishes.
     scale_clamp: float = 1e3
     # asvd: column scaling by mean|x| ** alpha.
