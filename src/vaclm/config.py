@@ -47,8 +47,9 @@ class CompressConfig:
 
     keep: float = 0.8  # fraction of decoder linear parameters kept, in (0, 1]
     target_bytes: int | None = None  # alternative budget: bytes of the whole model's weights
-    method: str = "svd-llm"
-    allocation: str = "uniform"
+    # the best measured combination on the demo model (README, bench/allocation.py)
+    method: str = "gfwsvd"
+    allocation: str = "knapsack"
     rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
     order: str = "front-to-back"
     sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
