@@ -43,12 +43,17 @@ def test_whitened_svd_survives_where_plain_svd_collapses(demo):
 
 def test_cli_compress_info_eval_export(demo, tmp_path):
     out, dense_out = tmp_path / "k09", tmp_path / "dense"
-    proc = run_cli("compress", "demo", "--keep", "0.9", "--calib", str(WIKI_VALID), "--calib-samples", "4",
-                   "--calib-seq-len", "128", "--out", str(out), "--quiet")
+    # knapsack pricing with svd-llm: 4 x 128 tokens are too few for gfwsvd's 1536-wide gradient covariances
+    proc = run_cli("compress", "demo", "--keep", "0.9", "--method", "svd-llm", "--calib", str(WIKI_VALID),
+                   "--calib-samples", "4", "--calib-seq-len", "128", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = run_cli("info", str(out), "--json")
     summary = json.loads(info.stdout.strip().splitlines()[-1])
-    assert abs(summary["kept_fraction"] - 0.9) < 0.01 and summary["factorised"] == 210
+    # default gfwsvd + knapsack: some matrices stay dense, the budget holds over all 210
+    assert abs(summary["kept_fraction"] - 0.9) < 0.01 and summary["targets"] == 210
+    assert 0 < summary["factorised"] <= 210
+    allocation = json.loads((out / "allocation.json").read_text())
+    assert allocation["allocation"] == "knapsack" and len(allocation["modules"]) == 210
     ev = run_cli("eval", str(out), "--ppl", str(WIKI_TEST), "--seq-len", "256", "--max-windows", "2", "--json", "--quiet")
     res = json.loads(ev.stdout.strip().splitlines()[-1])
     assert res["tokens"] == 512 and 5 < res["ppl"] < 200
