@@ -38,9 +38,9 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -51,10 +51,7 @@ def save_gradients(path: Path, stats: dict[str, GradientStats]) -> None:
     """Gradient statistics as safetensors; shapes and counts in the metadata."""
     tensors = {f"{n}.{f}": getattr(s, f) for n, s in stats.items() for f in _FIELDS if getattr(s, f) is not None}
     meta = {n: [s.out_dim, s.in_dim, s.tokens, s.samples] for n, s in stats.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"vaclm_gradients": json.dumps(meta)})
-    os.replace(tmp, path)
+    _atomic_save(tensors, path, metadata={"vaclm_gradients": json.dumps(meta)})
 
 
 def load_gradients(path: Path) -> dict[str, GradientStats]:
