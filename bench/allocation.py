@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", type=int, default=list(range(len(SETTINGS))),
                    help="indices into SETTINGS")
     p.add_argument("--runs", nargs="+", default=None, help="explicit KEEP:SETTING pairs, e.g. 0.6:2 0.8:2")
+    p.add_argument("--options", default="{}", help="MethodOptions overrides as JSON, e.g. '{\"cov_damping\": 0.01}'")
     p.add_argument("--merge", action="store_true", help="add to the existing results (replacing equal settings)")
     args = p.parse_args()
     if args.worker:
@@ -44,7 +45,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for keep, i in pairs:
-            rows.append(run_worker(__file__, [method, keep, json.dumps(SETTINGS[int(i)])]))
+            rows.append(run_worker(__file__, [method, keep, json.dumps({**SETTINGS[int(i)], "options": json.loads(args.options)})]))
             print(rows[-1], flush=True)
             if args.merge:  # keep what is done even if a later run is interrupted
                 rows = merge(rows)

@@ -23,6 +23,8 @@ class MethodOptions:
 
     # Relative damping added to a Gram/covariance diagonal: G + damping * mean(diag G) * I.
     damping: float = 1e-6
+    # gfwsvd: relative damping of the output-gradient covariance B, None = same as `damping`.
+    cov_damping: float | None = None
     # fwsvd: scaling s(F) = F**p of the Fisher importances (VAC: p = 1/3 beats 1/2).
     fisher_exponent: float = 1.0 / 3.0
     # fwsvd: "rows+cols" (VAC) or "rows" (FWSVD; collapses on the demo model, see the README).
@@ -35,6 +37,8 @@ class MethodOptions:
     def __post_init__(self):
         if not self.damping >= 0:
             raise VaclmError(f"damping must be >= 0, got {self.damping}")
+        if self.cov_damping is not None and not self.cov_damping >= 0:
+            raise VaclmError(f"covariance damping must be >= 0, got {self.cov_damping}")
         if self.fisher_mode not in ("rows", "rows+cols"):
             raise VaclmError(f"fisher mode must be 'rows' or 'rows+cols', got {self.fisher_mode!r}")
         if not self.scale_clamp >= 1:
@@ -55,6 +59,9 @@ class CompressConfig:
     sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
     # also sequential inside a block: attention projections first, then the MLP sees their output
     within_block: bool = False
+    # knapsack + sequential: re-price each block's ranks from its real inputs and re-solve the
+    # knapsack for the budget left when the block is reached (pipeline/allocation.py)
+    resolve: bool = False
     calib_samples: int = 32
     calib_seq_len: int = 512
     batch_size: int = 4

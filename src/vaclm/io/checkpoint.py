@@ -91,11 +91,16 @@ class Checkpoint:
         _atomic_write_json(self.folder / "state.json", self.state)
 
     # ranks -------------------------------------------------------------------------------------
-    def plan(self) -> tuple[dict, dict] | None:
-        return (self.state["ranks"], self.state.get("allocation", {})) if "ranks" in self.state else None
+    def plan(self) -> tuple[dict, dict, dict | None] | None:
+        """Ranks, allocation table and (knapsack runs) every matrix's candidates, as saved."""
+        if "ranks" not in self.state:
+            return None
+        return self.state["ranks"], self.state.get("allocation", {}), self.state.get("candidates")
 
-    def save_plan(self, ranks: dict, allocation: dict) -> None:
+    def save_plan(self, ranks: dict, allocation: dict, candidates: dict | None = None) -> None:
         self.state["ranks"], self.state["allocation"] = ranks, allocation
+        if candidates is not None:
+            self.state["candidates"] = candidates
         self._save_state()
 
     # gradient statistics -----------------------------------------------------------------------

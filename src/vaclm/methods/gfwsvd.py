@@ -17,9 +17,10 @@ class KroneckerFisherSVD(Method):
     needs_cov = True
 
     def weighting(self, weight, stats):
-        damping = self.options.damping
-        a = sqrt_factor(stats.inputs.mean_gram.to(weight.device), damping)
-        b = sqrt_factor(stats.gradients.mean_cov.to(weight.device), damping)
+        options = self.options
+        cov_damping = options.damping if options.cov_damping is None else options.cov_damping
+        a = sqrt_factor(stats.inputs.mean_gram.to(weight.device), options.damping)
+        b = sqrt_factor(stats.gradients.mean_cov.to(weight.device), cov_damping)
         return Weighting(b.factor.T @ weight @ a.factor, lambda left: b.inverse.T @ left,
                          lambda right: right @ a.inverse, metric="vec(dW)^T (A x B) vec(dW)")
 

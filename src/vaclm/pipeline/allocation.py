@@ -1,18 +1,22 @@
-"""Choose every matrix's rank before compressing: uniform, or a knapsack over estimated losses.
+"""Choose every matrix's rank: uniform, or a knapsack over estimated losses.
 
-The knapsack is solved once, up front, from a walk over the dense model: every matrix's error
+The knapsack is first solved up front, from a walk over the dense model: every matrix's error
 curve (singular values of its weighted matrix, no singular vectors) times the method's loss
-scale prices each candidate rank. Re-solving for the remaining budget as blocks are compressed
-was considered: the ranks already spent are fixed, and the remaining blocks' curves are still the
-dense-walk estimates, so it would return the same ranks; fresh curves would need another walk.
+scale prices each candidate rank. With `resolve` (sequential runs), when a block is reached its
+matrices are priced again from the inputs the compressed prefix really produces (the same SVD
+that gives its factors, so at no extra cost), and the knapsack is solved again over that block
+and the blocks still to come, for the budget the finished blocks left; only the block at hand
+is fixed. Blocks still to come keep their dense-walk prices: fresh ones would need another walk.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from tqdm.auto import tqdm
 
 from ..allocate.candidates import Candidates, candidates
-from ..allocate.knapsack import solve_lagrangian, total
+from ..allocate.knapsack import solve_lagrangian
 from ..errors import VaclmError
 from ..methods import LayerStats
 from ..model.blocks import BlockRunner
@@ -35,8 +39,41 @@ def keep_for_target_bytes(model, shapes: dict[str, tuple[int, int]], target_byte
     return keep
 
 
+@dataclass
+class KnapsackPlan:
+    """The knapsack over every target, re-solvable as blocks are fixed one after another."""
+
+    options: dict[str, Candidates]
+    budget: float
+    fixed: dict[str, int] = field(default_factory=dict)  # name -> chosen candidate index, final
+    planned: dict[str, int] = field(default_factory=dict)  # the up-front solution, for the report
+
+    def solve(self, fresh: dict[str, Candidates] | None = None) -> dict[str, int | None]:
+        """Re-price `fresh` matrices, solve over everything not yet fixed, fix `fresh`; their ranks."""
+        self.options.update(fresh or {})
+        free = [n for n in self.options if n not in self.fixed]
+        spent = sum(float(self.options[n].costs[j]) for n, j in self.fixed.items())
+        try:
+            choice = solve_lagrangian([self.options[n].costs for n in free], [self.options[n].losses for n in free],
+                                      self.budget - spent)
+        except ValueError as exc:
+            raise VaclmError(f"the budget is below what the smallest ranks allow ({exc}); raise --keep") from exc
+        picked = dict(zip(free, choice))
+        if fresh is not None:
+            self.fixed.update({n: picked[n] for n in fresh})
+        return {n: self.options[n].ranks[j] for n, j in picked.items() if fresh is None or n in fresh}
+
+    def fix(self, name: str, rank: int | None) -> None:
+        """Record a rank decided earlier (a resumed run's finished blocks)."""
+        self.fixed[name] = self.options[name].ranks.index(rank)
+
+    def table(self) -> dict[str, dict]:
+        return {n: {"rank": c.ranks[j], "cost": float(c.costs[j]), "estimated_loss": float(c.losses[j])}
+                for n, c in self.options.items() for j in [self.fixed.get(n, self.planned.get(n))] if j is not None}
+
+
 def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device, progress
-                   ) -> tuple[dict[str, int | None], dict[str, dict]]:
+                   ) -> tuple[dict[str, int | None], dict[str, dict], KnapsackPlan]:
     per_block, modules, shapes, keep = targets.per_block, targets.modules, targets.shapes, config.keep
     runner = BlockRunner(model, targets.spec, calib, config.batch_size, device)
     options: dict[str, Candidates] = {}
@@ -50,14 +87,8 @@ def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device
             errors = method.error_curve(weight, stats).cpu().numpy()
             options[name] = candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align)
         runner.prune(set(range(i + 1, len(per_block))))
-    names = list(options)
-    budget = keep * sum(o * i for o, i in shapes.values())
-    try:
-        choice = solve_lagrangian([options[n].costs for n in names], [options[n].losses for n in names], budget)
-    except ValueError as exc:
-        raise VaclmError(f"keep {keep:.4f} is below what the smallest ranks allow ({exc}); raise --keep") from exc
-    ranks = {n: options[n].ranks[j] for n, j in zip(names, choice)}
-    table = {n: {"rank": ranks[n], "cost": float(options[n].costs[j]), "estimated_loss": float(options[n].losses[j])}
-             for n, j in zip(names, choice)}
-    assert total([options[n].costs for n in names], choice) <= budget + 1e-6
-    return ranks, table
+    plan = KnapsackPlan(options, keep * sum(o * i for o, i in shapes.values()))
+    ranks = plan.solve()
+    plan.planned = {n: options[n].ranks.index(r) for n, r in ranks.items()}
+    assert sum(float(options[n].costs[j]) for n, j in plan.planned.items()) <= plan.budget + 1e-6
+    return ranks, plan.table(), plan
