@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--one-shot", action="store_true", help="statistics from the dense model (no sequential re-capture)")
     c.add_argument("--within-block", action=argparse.BooleanOptionalAction, default=CompressConfig.within_block,
                    help="sequential inside each block too: later projections see the compressed earlier ones")
+    c.add_argument("--resolve", action=argparse.BooleanOptionalAction, default=CompressConfig.resolve,
+                   help="knapsack: re-price each block from its real inputs and re-solve for the budget left")
     c.add_argument("--calib", required=True, help="calibration text: file, folder of .txt, or wikitext2 / c4")
     c.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     c.add_argument("--calib-seq-len", type=int, default=CompressConfig.calib_seq_len)
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=CompressConfig.seed)
     c.add_argument("--rank-align", type=int, default=CompressConfig.rank_align)
     c.add_argument("--damping", type=float, default=MethodOptions.damping, help="relative damping of Gram matrices")
+    c.add_argument("--cov-damping", type=float, default=MethodOptions.cov_damping,
+                   help="gfwsvd: relative damping of the gradient covariance (default: --damping)")
     c.add_argument("--fisher-exponent", type=float, default=MethodOptions.fisher_exponent, help="fwsvd: s(F) = F^p")
     c.add_argument("--fisher-mode", default=MethodOptions.fisher_mode, choices=("rows", "rows+cols"))
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
@@ -87,9 +91,9 @@ def cmd_compress(args) -> dict:
 
     config = CompressConfig(
         keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
-        sequential=not args.one_shot, within_block=args.within_block, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        sequential=not args.one_shot, within_block=args.within_block, resolve=args.resolve, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
-        options=MethodOptions(damping=args.damping, fisher_exponent=args.fisher_exponent,
+        options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
     )
     check_output(Path(args.out), args.overwrite)  # fail before the slow part
