@@ -55,6 +55,9 @@ class CompressConfig:
     sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
     # also sequential inside a block: attention projections first, then the MLP sees their output
     within_block: bool = False
+    # quantise the factors to int8 after compressing; a --target-size budget then counts them
+    # at one byte per element plus scales (--keep stays a fraction of parameters)
+    int8: bool = False
     calib_samples: int = 32
     calib_seq_len: int = 512
     batch_size: int = 4

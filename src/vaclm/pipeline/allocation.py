@@ -9,9 +9,11 @@ dense-walk estimates, so it would return the same ranks; fresh curves would need
 
 from __future__ import annotations
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..allocate.candidates import Candidates, candidates
+from ..allocate.costs import PARAMETERS, CostModel, int8_bytes
 from ..allocate.knapsack import solve_lagrangian, total
 from ..errors import VaclmError
 from ..methods import LayerStats
@@ -35,9 +37,25 @@ def keep_for_target_bytes(model, shapes: dict[str, tuple[int, int]], target_byte
     return keep
 
 
+def cost_model(model, config) -> CostModel:
+    """Parameters, except for a byte budget with int8 factors: then bytes, factors at one byte an
+    element plus scales (--keep alone means the same ranks with or without --int8)."""
+    if config.int8 and config.target_bytes is not None:
+        return int8_bytes(next(model.parameters()).element_size())
+    return PARAMETERS
+
+
+def priced(options: Candidates, shape: tuple[int, int], cost: CostModel) -> Candidates:
+    """The same candidates with their costs under `cost`."""
+    if cost == PARAMETERS:
+        return options
+    return Candidates(options.ranks, np.asarray([cost.cost(shape, r) for r in options.ranks], float), options.losses)
+
+
 def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device, progress
                    ) -> tuple[dict[str, int | None], dict[str, dict]]:
     per_block, modules, shapes, keep = targets.per_block, targets.modules, targets.shapes, config.keep
+    cost = cost_model(model, config)
     runner = BlockRunner(model, targets.spec, calib, config.batch_size, device)
     options: dict[str, Candidates] = {}
     for i in tqdm(range(len(per_block)), desc="allocation: error curves", disable=not progress, unit="block"):
@@ -48,10 +66,11 @@ def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device
             weight = dense_weight(module)[0].detach().to(device)
             stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
             errors = method.error_curve(weight, stats).cpu().numpy()
-            options[name] = candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align)
+            options[name] = priced(candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align),
+                                   shapes[name], cost)
         runner.prune(set(range(i + 1, len(per_block))))
     names = list(options)
-    budget = keep * sum(o * i for o, i in shapes.values())
+    budget = keep * sum(cost.dense(s) for s in shapes.values())
     try:
         choice = solve_lagrangian([options[n].costs for n in names], [options[n].losses for n in names], budget)
     except ValueError as exc:

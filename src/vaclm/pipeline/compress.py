@@ -25,7 +25,7 @@ from ..methods import LayerStats, build_method
 from ..model.arch import get_submodule
 from ..model.blocks import BlockRunner
 from ..model.surgery import Targets, dense_weight, replace_with_lowrank
-from .allocation import keep_for_target_bytes, knapsack_ranks
+from .allocation import cost_model, keep_for_target_bytes, knapsack_ranks
 from .order import block_order
 from .statistics import gradient_stats, input_stats
 
@@ -88,7 +88,7 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     elif ranks is None and plan_knapsack:
         ranks, allocation = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
     elif ranks is None:
-        ranks = uniform_ranks(shapes, config.keep, config.rank_align)
+        ranks = uniform_ranks(shapes, config.keep, config.rank_align, cost_model(model, config))
     if checkpoint and saved_plan is None:
         checkpoint.save_plan(ranks, allocation)
     missing = set(shapes) - set(ranks)
