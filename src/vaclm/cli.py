@@ -106,8 +106,10 @@ def cmd_compress(args) -> dict:
                           checkpoint_dir=partial, resume=args.resume)
     api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
     shutil.rmtree(partial, ignore_errors=True)
-    summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1)}
-    print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s")
+    summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1),
+               "int8": config.int8}
+    print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s"
+          + (", factors stored as int8" if config.int8 else ""))
     return summary
 
 
@@ -129,7 +131,8 @@ def cmd_info(args) -> dict:
     model, _ = api.load(args.model, dtype=args.dtype, device="cpu")
     info = summarize(model, Path(resolve_source(args.model)))
     print(f"{info['model_type']}: {info['parameters']:,} parameters, {info['parameter_bytes']:,} bytes in memory")
-    print(f"factors: {'int8 with per-row scales' if info['int8'] else 'float'}, {info['factor_bytes']:,} bytes")
+    if info["factorised"]:
+        print(f"factors: {'int8 with per-row scales' if info['int8'] else 'float'}, {info['factor_bytes']:,} bytes")
     if "folder_bytes" in info:
         print(f"weights on disk: {info['folder_bytes']:,} bytes")
     print(f"decoder linears: {info['factorised']}/{info['targets']} factorised, kept fraction {info['kept_fraction']:.4f}")

@@ -34,8 +34,13 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | N
 
 
 def _int_mm_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._int_mm on CUDA needs M > 16 and K, N multiples of 8; no gradient flows through it."""
-    return (x2d.is_cuda and hasattr(torch, "_int_mm") and not (torch.is_grad_enabled() and x2d.requires_grad)
+    """The int8 matmul on CUDA only: on CPU, torch._int_mm is many times slower than dequantising."""
+    return x2d.is_cuda and _int_mm_shapes_ok(x2d, weight)
+
+
+def _int_mm_shapes_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch._int_mm (cuBLAS) needs M > 16 and K, N multiples of 8; no gradient flows through it."""
+    return (hasattr(torch, "_int_mm") and not (torch.is_grad_enabled() and x2d.requires_grad)
             and x2d.shape[0] > 16 and x2d.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0)
 
 
@@ -44,7 +49,9 @@ def int8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     x = x2d.float()
     x_scale = (x.abs().amax(dim=1, keepdim=True) / QMAX).clamp_(min=1e-12)
     qx = torch.round(x / x_scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    acc = torch._int_mm(qx, weight.t())
+    # a contiguous K x N operand: transposed views gave silently wrong cuBLAS results in some
+    # torch releases (torchao's safe_int_mm makes the same copy); one byte per weight element
+    acc = torch._int_mm(qx, weight.t().contiguous())
     return (acc.float() * x_scale * scale.float()).to(x2d.dtype)
 
 
@@ -100,9 +107,9 @@ class Int8LowRankLinear(nn.Module):
     @classmethod
     def from_lowrank(cls, module) -> "Int8LowRankLinear":
         """Quantise a float LowRankLinear."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features, new.rank = module.in_features, module.out_features, module.rank
+        weight = module.down.weight
+        new = cls(module.in_features, module.out_features, module.rank, module.up.bias is not None,
+                  device=weight.device, dtype=weight.dtype)
         new.down = Int8Linear.from_float(module.down.weight, None)
         new.up = Int8Linear.from_float(module.up.weight, module.up.bias)
         return new
