@@ -59,12 +59,24 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), ids, model_id), resume)
     torch.manual_seed(config.seed)
     try:
-        return compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
-                              checkpoint=checkpoint, gradients=gradients)
+        result = compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
+                                checkpoint=checkpoint, gradients=gradients)
     except BaseException:
         if checkpoint is not None and checkpoint.is_empty():
             checkpoint.remove()  # nothing worth resuming: leave no trace of a run that failed at once
         raise
+    if config.int8:
+        quantize_int8(model)
+    return result
+
+
+def quantize_int8(model):
+    """In place: the float factors become int8 with per-row scales (Int8LowRankLinear); returns model."""
+    from .model.surgery import quantize_factors
+
+    if not quantize_factors(model):
+        raise VaclmError("the model has no float factors to quantise; compress it first (or it is already int8)")
+    return model
 
 
 def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = False) -> Path:

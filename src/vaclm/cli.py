@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential inside each block too: later projections see the compressed earlier ones")
     c.add_argument("--resolve", action=argparse.BooleanOptionalAction, default=CompressConfig.resolve,
                    help="knapsack: re-price each block from its real inputs and re-solve for the budget left")
+    c.add_argument("--int8", action="store_true",
+                   help="store the factors as int8 with per-row scales; --target-size then counts them at one byte")
     c.add_argument("--calib", required=True, help="calibration text: file, folder of .txt, or wikitext2 / c4")
     c.add_argument("--calib-samples", type=int, default=CompressConfig.calib_samples)
     c.add_argument("--calib-seq-len", type=int, default=CompressConfig.calib_seq_len)
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a compressed model in another form")
     x.add_argument("model", help="a vaclm folder")
-    x.add_argument("--dense", action="store_true", required=True, help="multiply factors back: an ordinary checkpoint")
+    form = x.add_mutually_exclusive_group(required=True)
+    form.add_argument("--dense", action="store_true", help="multiply factors back: an ordinary checkpoint")
+    form.add_argument("--int8", action="store_true", help="int8 factors with per-row scales (a vaclm folder)")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     _common(x)
@@ -91,7 +95,8 @@ def cmd_compress(args) -> dict:
 
     config = CompressConfig(
         keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
-        sequential=not args.one_shot, within_block=args.within_block, resolve=args.resolve, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        sequential=not args.one_shot, within_block=args.within_block, resolve=args.resolve, int8=args.int8,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
@@ -105,8 +110,10 @@ def cmd_compress(args) -> dict:
                           checkpoint_dir=partial, resume=args.resume)
     api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
     shutil.rmtree(partial, ignore_errors=True)
-    summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1)}
-    print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s")
+    summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1),
+               "int8": config.int8}
+    print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s"
+          + (", factors stored as int8" if config.int8 else ""))
     return summary
 
 
@@ -128,6 +135,8 @@ def cmd_info(args) -> dict:
     model, _ = api.load(args.model, dtype=args.dtype, device="cpu")
     info = summarize(model, Path(resolve_source(args.model)))
     print(f"{info['model_type']}: {info['parameters']:,} parameters, {info['parameter_bytes']:,} bytes in memory")
+    if info["factorised"]:
+        print(f"factors: {'int8 with per-row scales' if info['int8'] else 'float'}, {info['factor_bytes']:,} bytes")
     if "folder_bytes" in info:
         print(f"weights on disk: {info['folder_bytes']:,} bytes")
     print(f"decoder linears: {info['factorised']}/{info['targets']} factorised, kept fraction {info['kept_fraction']:.4f}")
@@ -137,11 +146,15 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from .io.export import export_dense
+    from .io.export import export_dense, export_int8
 
-    export_dense(args.model, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
-    print(f"wrote dense checkpoint {args.out}")
-    return {"out": args.out}
+    if args.int8:
+        export_int8(args.model, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
+        print(f"wrote int8 vaclm folder {args.out}")
+    else:
+        export_dense(args.model, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
+        print(f"wrote dense checkpoint {args.out}")
+    return {"out": args.out, "form": "int8" if args.int8 else "dense"}
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}

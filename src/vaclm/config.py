@@ -62,6 +62,9 @@ class CompressConfig:
     # knapsack + sequential: re-price each block's ranks from its real inputs and re-solve the
     # knapsack for the budget left when the block is reached (pipeline/allocation.py)
     resolve: bool = False
+    # quantise the factors to int8 after compressing; a --target-size budget then counts them
+    # at one byte per element plus scales (--keep stays a fraction of parameters)
+    int8: bool = False
     calib_samples: int = 32
     calib_seq_len: int = 512
     batch_size: int = 4

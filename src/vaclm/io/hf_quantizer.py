@@ -1,6 +1,7 @@
 """Registers quant_method "vaclm" with transformers, so a saved folder loads with plain
 `AutoModelForCausalLM.from_pretrained(folder)` after `import vaclm`: before the weights load, the
-listed modules become LowRankLinear of the saved ranks. No trust_remote_code, no pickle.
+listed modules become LowRankLinear (Int8LowRankLinear when "int8" is set) of the saved ranks.
+No trust_remote_code, no pickle.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .validate import FORMAT_VERSION, check_ranks, tensor_shapes
+from .validate import FORMAT_VERSION, check_tensors, tensor_meta
 
 QUANT_METHOD = "vaclm"
 
@@ -28,7 +29,7 @@ class VaclmConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.version = version
         self.ranks = dict(ranks or {})
-        self.int8 = int8
+        self.int8 = int8  # validated with the tensors: a non-bool here is a damaged config
 
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "version": self.version, "ranks": dict(self.ranks), "int8": self.int8}
@@ -39,18 +40,18 @@ class VaclmQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from ..model.arch import get_submodule, set_submodule
+        from ..model.int8_lowrank import Int8LowRankLinear
         from ..model.lowrank import LowRankLinear
         from ..model.surgery import dense_weight
 
         if checkpoint_files:
             files = [Path(f) for f in checkpoint_files if str(f).endswith(".safetensors")]
-            check_ranks(self.quantization_config.to_dict(), tensor_shapes(files), str(Path(files[0]).parent))
+            check_tensors(self.quantization_config.to_dict(), tensor_meta(files), str(Path(files[0]).parent))
+        kind = Int8LowRankLinear if self.quantization_config.int8 else LowRankLinear
         for name, rank in self.quantization_config.ranks.items():
             weight, bias = dense_weight(get_submodule(model, name))
             out_f, in_f = weight.shape
-            set_submodule(
-                model, name, LowRankLinear(in_f, out_f, rank, bias is not None, device=weight.device, dtype=weight.dtype)
-            )
+            set_submodule(model, name, kind(in_f, out_f, rank, bias is not None, device=weight.device, dtype=weight.dtype))
         return model
 
     def is_serializable(self):

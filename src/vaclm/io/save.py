@@ -58,9 +58,21 @@ def _publish_permissions(folder: Path) -> None:
 
 
 def lowrank_ranks(model) -> dict[str, int]:
+    """Ranks of the factorised modules, float or int8."""
+    from ..model.surgery import FACTORISED
+
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FACTORISED)}
+
+
+def int8_flag(model) -> bool:
+    """True when the factors are int8; a model with both kinds cannot be described by one config."""
+    from ..model.int8_lowrank import Int8LowRankLinear
     from ..model.lowrank import LowRankLinear
 
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    kinds = {type(m) for m in model.modules() if isinstance(m, (LowRankLinear, Int8LowRankLinear))}
+    if len(kinds) > 1:
+        raise VaclmError("the model mixes float and int8 factors; quantise all of them (vaclm.quantize_int8) before saving")
+    return kinds == {Int8LowRankLinear}
 
 
 def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None,
@@ -70,7 +82,7 @@ def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report
 
     ranks = lowrank_ranks(model)
     if ranks:
-        model.config.quantization_config = VaclmConfig(ranks=ranks)
+        model.config.quantization_config = VaclmConfig(ranks=ranks, int8=int8_flag(model))
     else:
         model.config.__dict__.pop("quantization_config", None)
     with AtomicFolder(out, overwrite) as tmp:

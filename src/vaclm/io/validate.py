@@ -1,7 +1,8 @@
 """Check a saved vaclm folder against its own config before any weight is loaded.
 
-A corrupt safetensors file, a missing tensor or a rank in config.json that does not match the
-tensor shapes (a tampered folder) is one clear error instead of a silently re-initialised layer.
+A corrupt safetensors file, a missing tensor, a rank in config.json that does not match the
+tensor shapes or a factor of the wrong dtype (float where int8 is declared, a scale of the wrong
+length: a tampered folder) is one clear error instead of a silently re-initialised or cast layer.
 """
 
 from __future__ import annotations
@@ -26,18 +27,46 @@ def read_vaclm_config(folder: Path) -> dict | None:
     return qc
 
 
-def tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
+def tensor_meta(files: list[Path]) -> dict[str, tuple[list[int], str]]:
+    """key -> (shape, safetensors dtype such as "I8", "F32", "BF16"), read from the headers only."""
     from safetensors import safe_open
 
-    shapes = {}
+    meta = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    shapes[key] = list(handle.get_slice(key).get_shape())
+                    tensor = handle.get_slice(key)
+                    meta[key] = (list(tensor.get_shape()), tensor.get_dtype())
         except Exception as exc:
             raise VaclmError(f"corrupt weights file {file} ({exc}); re-run the compression or restore the file") from exc
-    return shapes
+    return meta
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_tensors(qc: dict, meta: dict[str, tuple[list[int], str]], where: str) -> None:
+    """Ranks against shapes, and the factors' dtypes (int8 with per-row scales, or float)."""
+    check_ranks(qc, {key: shape for key, (shape, _) in meta.items()}, where)
+    int8 = qc.get("int8", False)
+    if not isinstance(int8, bool):
+        raise VaclmError(f"{where}: quantization_config 'int8' is {int8!r}, not true or false; the folder is damaged, re-save it")
+    for module in qc["ranks"]:
+        for factor in ("down", "up"):
+            key = f"{module}.{factor}.weight"
+            shape, dtype = meta[key]
+            scale = meta.get(f"{key}_scale")
+            if int8 and dtype != "I8":
+                raise VaclmError(f"{where}: {key} is {dtype} but config.json says int8; the folder was modified "
+                                 "after saving, re-export it with `vaclm export --int8`")
+            if not int8 and dtype not in FLOAT_DTYPES:
+                raise VaclmError(f"{where}: {key} is {dtype} but config.json says float factors; the folder was "
+                                 "modified after saving, re-save it")
+            if int8 and (scale is None or scale[0] != [shape[0]] or scale[1] not in FLOAT_DTYPES):
+                found = "missing" if scale is None else f"{scale[1]} of shape {scale[0]}"
+                raise VaclmError(f"{where}: {key}_scale should be a float vector of length {shape[0]} but is {found}; "
+                                 "the folder was modified after saving, re-export it with `vaclm export --int8`")
 
 
 def check_ranks(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
@@ -65,4 +94,4 @@ def validate_folder(folder: Path) -> None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise VaclmError(f"{folder} holds no .safetensors weights; re-save the model")
-    check_ranks(qc, tensor_shapes(files), str(folder))
+    check_tensors(qc, tensor_meta(files), str(folder))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..allocate.uniform import kept_fraction
 from .arch import get_submodule, spec_for, target_names
-from .lowrank import LowRankLinear
-from .surgery import dense_weight
+from .int8_lowrank import Int8LowRankLinear
+from .surgery import FACTORISED, dense_weight
 
 
 def summarize(model, folder: Path | None = None) -> dict:
@@ -16,7 +16,7 @@ def summarize(model, folder: Path | None = None) -> dict:
     shapes, ranks = {}, {}
     for name in (n for block in target_names(model, spec) for n in block):
         module = get_submodule(model, name)
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, FACTORISED):
             shapes[name], ranks[name] = (module.out_features, module.in_features), module.rank
         else:
             shapes[name], ranks[name] = tuple(dense_weight(module)[0].shape), None
@@ -24,11 +24,16 @@ def summarize(model, folder: Path | None = None) -> dict:
     for name, rank in ranks.items():
         if rank is not None:
             by_type.setdefault(name.split(".", len(spec.blocks.split(".")) + 1)[-1], []).append(rank)
-    params = sum(p.numel() for p in model.parameters())
+    # int8 factors and their scales are buffers, not parameters: count them as the weights they are
+    int8 = [m for m in model.modules() if isinstance(m, Int8LowRankLinear)]
+    weights = list(model.parameters()) + [b for m in int8 for b in m.buffers()]
+    factors = [t for m in model.modules() if isinstance(m, FACTORISED) for t in _factor_tensors(m)]
     info = {
         "model_type": model.config.model_type,
-        "parameters": params,
-        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "parameters": sum(t.numel() for t in weights),
+        "parameter_bytes": sum(t.numel() * t.element_size() for t in weights),
+        "int8": bool(int8),
+        "factor_bytes": sum(t.numel() * t.element_size() for t in factors),  # down and up (+ int8 scales)
         "decoder_linear_dense": sum(o * i for o, i in shapes.values()),
         "kept_fraction": kept_fraction(shapes, ranks),
         "factorised": sum(r is not None for r in ranks.values()),
@@ -39,3 +44,10 @@ def summarize(model, folder: Path | None = None) -> dict:
     if folder is not None and Path(folder).is_dir():
         info["folder_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     return info
+
+
+def _factor_tensors(module) -> list:
+    """down and up weights, and their scales when int8 (the bias is not a factor)."""
+    if isinstance(module, Int8LowRankLinear):
+        return [module.down.weight, module.down.weight_scale, module.up.weight, module.up.weight_scale]
+    return [module.down.weight, module.up.weight]

@@ -9,7 +9,10 @@ from transformers.pytorch_utils import Conv1D
 from dataclasses import dataclass
 
 from .arch import ArchSpec, get_submodule, set_submodule, spec_for, target_names
+from .int8_lowrank import Int8LowRankLinear
 from .lowrank import LowRankLinear
+
+FACTORISED = (LowRankLinear, Int8LowRankLinear)
 
 
 @dataclass
@@ -31,8 +34,8 @@ class Targets:
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W as out x in, bias) of an nn.Linear, a Conv1D or a LowRankLinear."""
-    if isinstance(module, LowRankLinear):
+    """(W as out x in, bias) of an nn.Linear, a Conv1D or a (float or int8) LowRankLinear."""
+    if isinstance(module, FACTORISED):
         return module.dense_weight(), module.up.bias
     if isinstance(module, Conv1D):
         return module.weight.T, module.bias
@@ -55,8 +58,17 @@ def replace_with_lowrank(model: nn.Module, name: str, up: torch.Tensor, down: to
     return new
 
 
+def quantize_factors(model: nn.Module) -> dict[str, int]:
+    """In place: every float LowRankLinear becomes an Int8LowRankLinear; returns their ranks."""
+    names = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    with torch.no_grad():
+        for name in names:
+            set_submodule(model, name, Int8LowRankLinear.from_lowrank(get_submodule(model, name)))
+    return names
+
+
 def replace_with_dense(model: nn.Module, name: str, conv1d: bool) -> nn.Module:
-    """Multiply a LowRankLinear back into the module type the architecture expects."""
+    """Multiply a (float or int8) LowRankLinear back into the module type the architecture expects."""
     old = get_submodule(model, name)
     weight, bias = dense_weight(old)
     out_f, in_f = weight.shape

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..allocate.candidates import Candidates, candidates
+from ..allocate.costs import PARAMETERS, CostModel, int8_bytes
 from ..allocate.knapsack import solve_lagrangian
 from ..errors import VaclmError
 from ..methods import LayerStats
@@ -44,7 +46,8 @@ class KnapsackPlan:
     """The knapsack over every target, re-solvable as blocks are fixed one after another."""
 
     options: dict[str, Candidates]
-    budget: float
+    budget: float  # in the units of `cost` (parameters, or bytes with int8 factors)
+    cost: CostModel = PARAMETERS
     fixed: dict[str, int] = field(default_factory=dict)  # name -> chosen candidate index, final
     planned: dict[str, int] = field(default_factory=dict)  # the up-front solution, for the report
 
@@ -72,9 +75,25 @@ class KnapsackPlan:
                 for n, c in self.options.items() for j in [self.fixed.get(n, self.planned.get(n))] if j is not None}
 
 
+def cost_model(model, config) -> CostModel:
+    """Parameters, except for a byte budget with int8 factors: then bytes, factors at one byte an
+    element plus scales (--keep alone means the same ranks with or without --int8)."""
+    if config.int8 and config.target_bytes is not None:
+        return int8_bytes(next(model.parameters()).element_size())
+    return PARAMETERS
+
+
+def priced(options: Candidates, shape: tuple[int, int], cost: CostModel) -> Candidates:
+    """The same candidates with their costs under `cost`."""
+    if cost == PARAMETERS:
+        return options
+    return Candidates(options.ranks, np.asarray([cost.cost(shape, r) for r in options.ranks], float), options.losses)
+
+
 def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device, progress
                    ) -> tuple[dict[str, int | None], dict[str, dict], KnapsackPlan]:
     per_block, modules, shapes, keep = targets.per_block, targets.modules, targets.shapes, config.keep
+    cost = cost_model(model, config)
     runner = BlockRunner(model, targets.spec, calib, config.batch_size, device)
     options: dict[str, Candidates] = {}
     for i in tqdm(range(len(per_block)), desc="allocation: error curves", disable=not progress, unit="block"):
@@ -85,9 +104,10 @@ def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device
             weight = dense_weight(module)[0].detach().to(device)
             stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
             errors = method.error_curve(weight, stats).cpu().numpy()
-            options[name] = candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align)
+            options[name] = priced(candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align),
+                                   shapes[name], cost)
         runner.prune(set(range(i + 1, len(per_block))))
-    plan = KnapsackPlan(options, keep * sum(o * i for o, i in shapes.values()))
+    plan = KnapsackPlan(options, keep * sum(cost.dense(s) for s in shapes.values()), cost)
     ranks = plan.solve()
     plan.planned = {n: options[n].ranks.index(r) for n, r in ranks.items()}
     assert sum(float(options[n].costs[j]) for n, j in plan.planned.items()) <= plan.budget + 1e-6

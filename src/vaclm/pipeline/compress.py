@@ -29,7 +29,7 @@ from ..model.arch import get_submodule
 from ..model.blocks import BlockRunner
 from ..model.surgery import Targets, dense_weight, replace_with_lowrank
 from ..allocate.candidates import Candidates, candidates
-from .allocation import KnapsackPlan, keep_for_target_bytes, knapsack_ranks
+from .allocation import KnapsackPlan, cost_model, keep_for_target_bytes, knapsack_ranks, priced
 from .order import block_order
 from .statistics import gradient_stats, input_stats
 
@@ -91,11 +91,13 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     if saved_plan is not None:
         ranks, allocation, saved_options = saved_plan
         if saved_options is not None:
-            plan = KnapsackPlan(_candidates_from_json(saved_options), config.keep * sum(o * i for o, i in shapes.values()))
+            cost = cost_model(model, config)
+            plan = KnapsackPlan(_candidates_from_json(saved_options), config.keep * sum(cost.dense(s) for s in shapes.values()),
+                                cost)
     elif ranks is None and plan_knapsack:
         ranks, allocation, plan = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
     elif ranks is None:
-        ranks = uniform_ranks(shapes, config.keep, config.rank_align)
+        ranks = uniform_ranks(shapes, config.keep, config.rank_align, cost_model(model, config))
     if checkpoint and saved_plan is None:
         checkpoint.save_plan(ranks, allocation, _candidates_to_json(plan.options) if plan else None)
     if not (config.resolve and config.sequential):
@@ -221,8 +223,9 @@ def _factorise(model, method, names, inputs, grads, result, device, made, errors
             weight = dense_weight(get_submodule(model, name))[0].detach().to(device)
             stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
             full[name] = method.factorize(weight, stats, max_rank=min(weight.shape))
-            fresh[name] = candidates(tuple(weight.shape), full[name].errors.cpu().numpy(),
-                                     method.loss_scale(weight, stats), align)
+            shape = tuple(weight.shape)
+            fresh[name] = priced(candidates(shape, full[name].errors.cpu().numpy(), method.loss_scale(weight, stats),
+                                            align), shape, plan.cost)
         result.ranks.update(plan.solve(fresh))
     for name in names:
         rank = result.ranks[name]
