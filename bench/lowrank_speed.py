@@ -7,7 +7,8 @@ For each decoder matrix shape of the demo model (SmolLM2-135M: 576 hidden, 1536 
 two nn.Linear against one, at 512 tokens (prefill), 8 tokens and 1 token (decode steps). Timing is
 the calling thread's CPU time (time.thread_time) with one thread, median of --reps alternating
 runs, so other jobs on the machine disturb it less than wall time. "break-even" is the parameter
-ratio (rank*(out+in) / (out*in)) where the factorised time reaches the dense time, interpolated.
+ratio (rank*(out+in) / (out*in)) where a straight line fitted through the measured time ratios
+reaches 1 (the fit smooths the noise of single points).
 The decode rows run on weights that fit in cache; the "stream" row runs 30 layers of distinct
 weights per step, as a real decode step streams the model from memory.
 """
@@ -19,6 +20,7 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -32,22 +34,27 @@ def lowrank(out_f: int, in_f: int, rank: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_f, rank, bias=False), nn.Linear(rank, out_f, bias=False))
 
 
-def paired_times(dense, factored, x, reps: int) -> tuple[float, float]:
+def paired_times(dense, factored, x, reps: int, inner: int = 1) -> tuple[float, float]:
+    """Median seconds per call; `inner` calls per timing, so microsecond calls rise above the clock's noise."""
+    def timed(fn):
+        start = time.thread_time()
+        for _ in range(inner):
+            fn(x)
+        return (time.thread_time() - start) / inner
+
     for _ in range(2):
-        dense(x), factored(x)
+        timed(dense), timed(factored)
     a, b = [], []
     for _ in range(reps):
-        start = time.thread_time(); dense(x); a.append(time.thread_time() - start)
-        start = time.thread_time(); factored(x); b.append(time.thread_time() - start)
+        a.append(timed(dense))
+        b.append(timed(factored))
     return statistics.median(a), statistics.median(b)
 
 
 def break_even(points: list[tuple[float, float]]) -> float | None:
-    """Parameter ratio where time ratio crosses 1 (first crossing, linear interpolation)."""
-    for (p0, t0), (p1, t1) in zip(points, points[1:]):
-        if t0 < 1 <= t1:
-            return p0 + (1 - t0) * (p1 - p0) / (t1 - t0)
-    return None if points[-1][1] < 1 else points[0][0]
+    """Parameter ratio where a least-squares line through (param ratio, time ratio) reaches 1."""
+    slope, intercept = np.polyfit([p for p, _ in points], [t for _, t in points], 1)
+    return float((1 - intercept) / slope) if slope > 0 else None
 
 
 @torch.inference_mode()
@@ -59,7 +66,7 @@ def sweep(tokens: int, reps: int) -> list[dict]:
         points = []
         for frac in FRACTIONS:
             rank = max(8, round(frac * out_f * in_f / (out_f + in_f) / 8) * 8)
-            t_dense, t_low = paired_times(dense, lowrank(out_f, in_f, rank), x, reps)
+            t_dense, t_low = paired_times(dense, lowrank(out_f, in_f, rank), x, reps, inner=max(1, 256 // tokens))
             points.append((rank * (out_f + in_f) / (out_f * in_f), t_low / t_dense, rank, t_dense))
         rows.append({"shape": name, "out": out_f, "in": in_f, "tokens": tokens, "dense_ms": points[0][3] * 1e3,
                      "points": [{"param_ratio": round(p, 3), "rank": r, "time_ratio": round(t, 3)} for p, t, r, _ in points],

@@ -89,3 +89,17 @@ def test_cli_bench(tmp_path):
         assert out[key] > 0
     assert out["threads"] == 1 and out["baseline_source"] == str(tmp_path / "b")
     assert "speedup  prefill_speedup" in proc.stdout
+
+
+def test_lowrank_fast_path_matches_submodules_and_respects_hooks():
+    from vaclm.model.lowrank import LowRankLinear
+
+    torch.manual_seed(0)
+    m = LowRankLinear(12, 10, 4, bias=True)
+    x = torch.randn(2, 3, 12)
+    via_modules = m.up(m.down(x))
+    torch.testing.assert_close(m(x), via_modules, rtol=0, atol=0)
+    seen = []
+    m.down.register_forward_hook(lambda mod, args, out: seen.append(out.shape))  # e.g. a statistics hook
+    m(x)
+    assert seen == [torch.Size([2, 3, 4])]

@@ -186,11 +186,12 @@ def saved_folder(model, tokenizer, tmp_path_factory):
 
 def test_cli_eval_tasks(saved_folder, tmp_path):
     root = write_data(tmp_path / "data")
+    (tmp_path / "text.txt").write_text(" ".join(CORPUS))
     proc = run_cli("eval", str(saved_folder), "--tasks", "piqa,winogrande", "--data-dir", str(root), "--limit", "1",
-                   "--json", "--quiet")
+                   "--ppl", str(tmp_path / "text.txt"), "--seq-len", "16", "--max-windows", "2", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["tasks"]) == {"piqa", "winogrande"} and "ppl" not in out
+    assert set(out["tasks"]) == {"piqa", "winogrande"} and out["ppl"] > 1 and out["windows"] == 2  # both at once
     assert out["tasks"]["piqa"]["examples"] == 1 and out["tasks"]["piqa"]["of"] == 2
     assert out["tasks"]["piqa"]["acc"] in (0.0, 1.0) and out["tasks"]["piqa"]["acc_norm"] in (0.0, 1.0)
     assert "piqa: acc" in proc.stdout
