@@ -64,6 +64,8 @@ def test_bench_reports_every_key_with_positive_numbers():
     # ratios are the model's tokens/s over the baseline's
     ratio = res["model"]["prefill_tokens_per_s"]["24"] / res["baseline"]["prefill_tokens_per_s"]["24"]
     assert res["prefill_speedup"] == pytest.approx(ratio)
+    assert set(res["cpu_time_speedups"]) == {"prefill_speedup", "prefill_speedup_48", "decode_speedup", "decode_speedup_b3"}
+    assert min(res["cpu_time_speedups"].values()) > 0
 
 
 def test_bench_without_baseline_has_no_ratios():

@@ -4,7 +4,8 @@ Prefill: one sequence of L tokens, logits of the last position only (what genera
 Decode: a short prompt, then `new_tokens` greedy steps with the KV cache; only the steps are timed.
 Both models run in the same process under the same conditions: warm-up first, then repetitions
 that alternate between the two (and swap which goes first every repetition, so slow drift from
-other jobs on the machine hits both alike); medians are reported.
+other jobs on the machine hits both alike); medians are reported. On CPU the same ratios are also
+computed from the process's CPU seconds (`cpu_time_speedups`), which other jobs disturb less.
 Peak memory: CUDA max allocated; on CPU the weights' bytes and the resident-memory rise during
 the run (the kernel's high-water mark, reset before each measurement through /proc/self/clear_refs).
 """
@@ -54,27 +55,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    device = ids.device
-    _sync(device)
-    start = time.perf_counter()
-    last_logits(model, ids, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - start
+class Timer:
+    """Wall seconds, and the process's CPU seconds (all threads): on a shared CPU the second is
+    what the work itself cost, the first also holds the time other jobs took the cores."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return False
 
 
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def prefill_seconds(model, ids: torch.Tensor) -> Timer:
+    with Timer(ids.device) as timer:
+        last_logits(model, ids, use_cache=False)
+    return timer
+
+
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> Timer:
     """Prefill the prompt (untimed), then time `new_tokens` single-token steps with the KV cache."""
     out = last_logits(model, prompt, use_cache=True)
     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    device = prompt.device
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    return time.perf_counter() - start
+    with Timer(prompt.device) as timer:
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return timer
 
 
 class PeakMemory:
@@ -155,6 +168,7 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
     for m in models.values():
         m.eval()
     times = {name: {job: [] for job in jobs} for name in models}
+    cpu = {name: {job: [] for job in jobs} for name in models}
     rise = {name: 0 for name in models}
     load_start = _load_average()
     total = len(jobs) * len(models) * (settings.reps + 1)
@@ -164,10 +178,11 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
             order = list(models) if rep % 2 == 0 else list(models)[::-1]
             for name in order:
                 with PeakMemory(device) as mem:
-                    seconds = run(models[name], *job)
+                    timer = run(models[name], *job)
                 rise[name] = max(rise[name], mem.rise)
                 if rep:
-                    times[name][job].append(seconds)
+                    times[name][job].append(timer.wall)
+                    cpu[name][job].append(timer.cpu)
                 bar.update()
     bar.close()
 
@@ -186,10 +201,23 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
                                     for b in settings.decode_batches},
             "prefill_seconds": {str(n): t[("prefill", n)] for n in settings.prefill_lens},
             "decode_seconds": {str(b): t[("decode", b)] for b in settings.decode_batches},
+            "prefill_cpu_seconds": {str(n): cpu[name][("prefill", n)] for n in settings.prefill_lens},
+            "decode_cpu_seconds": {str(b): cpu[name][("decode", b)] for b in settings.decode_batches},
         }
     if baseline is not None:
         result.update(speedups(result[names[0]], result[names[1]], settings))
+        if device.type == "cpu":  # the same ratios from CPU seconds: steadier when other jobs share the cores
+            result["cpu_time_speedups"] = speedups(_per_second(result[names[0]], settings),
+                                                   _per_second(result[names[1]], settings), settings)
     return result
+
+
+def _per_second(raw: dict, settings: BenchSettings) -> dict:
+    """Tokens per CPU second, in the layout speedups() reads."""
+    med = lambda xs: statistics.median(xs)
+    return {"prefill_tokens_per_s": {str(n): n / med(raw["prefill_cpu_seconds"][str(n)]) for n in settings.prefill_lens},
+            "decode_tokens_per_s": {str(b): b * settings.new_tokens / med(raw["decode_cpu_seconds"][str(b)])
+                                    for b in settings.decode_batches}}
 
 
 def speedups(model: dict, base: dict, settings: BenchSettings) -> dict:
