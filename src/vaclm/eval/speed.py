@@ -1,6 +1,7 @@
 """Measured speed of a model against a baseline, as a generation engine runs them.
 
-Prefill: one sequence of L tokens, logits of the last position only (what generation needs).
+Prefill: one sequence of L tokens filling the KV cache, logits of the last position only (what
+generation needs).
 Decode: a short prompt, then `new_tokens` greedy steps with the KV cache; only the steps are timed.
 Both models run in the same process under the same conditions: warm-up first, then repetitions
 that alternate between the two (and swap which goes first every repetition, so slow drift from
@@ -75,7 +76,7 @@ class Timer:
 
 def prefill_seconds(model, ids: torch.Tensor) -> Timer:
     with Timer(ids.device) as timer:
-        last_logits(model, ids, use_cache=False)
+        last_logits(model, ids, use_cache=True)  # as generation does: the KV cache is written too
     return timer
 
 
