@@ -10,7 +10,7 @@ from .errors import VaclmError
 from .io import hf_quantizer as _hf_quantizer  # noqa: F401  (registers the quantizer)
 
 __version__ = "0.1.0"
-_API = ("compress", "save", "load", "evaluate", "quantize_int8")
+_API = ("compress", "save", "load", "evaluate", "quantize_int8", "zero_shot", "bench")
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""The Python API: compress(), save(), load(), evaluate()."""
+"""The Python API: compress(), save(), load(), evaluate(), zero_shot(), bench()."""
 
 from __future__ import annotations
 
@@ -97,3 +97,21 @@ def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int 
     ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, load_text(str(text), role="evaluation"))
     device = str(next(model.parameters()).device)
     return perplexity(model, ids.flatten(), seq_len=seq_len, max_windows=max_windows, device=device, progress=progress)
+
+
+def zero_shot(model, tasks="piqa,winogrande", tokenizer=None, data_dir=None, limit: int | None = None,
+              batch_size: int = 16, progress: bool = True) -> dict:
+    """Zero-shot accuracy as lm-evaluation-harness scores it, from local files in `data_dir`
+    (default $VACLM_DATA_DIR): {task: {acc, acc_stderr, [acc_norm, acc_norm_stderr], examples, ...}}."""
+    from .eval.zeroshot import evaluate_tasks
+
+    return evaluate_tasks(model, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                          progress=progress)
+
+
+def bench(model, baseline=None, settings=None, progress: bool = True) -> dict:
+    """Prefill and decode tokens/s and peak memory of `model` and `baseline` measured in one run,
+    with their ratios (prefill_speedup, decode_speedup, ...: > 1 means `model` is faster)."""
+    from .eval.speed import benchmark
+
+    return benchmark(model, baseline, settings=settings, progress=progress)

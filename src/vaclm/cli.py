@@ -56,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
     _common(c)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e = sub.add_parser("eval", help="perplexity on a text and/or zero-shot accuracy (give --ppl, --tasks or both)")
     e.add_argument("model")
-    e.add_argument("--ppl", required=True, help="evaluation text: file, folder, or wikitext2 / c4 (their test splits)")
+    e.add_argument("--ppl", default=None, help="evaluation text: file, folder, or wikitext2 / c4 (their test splits)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated: piqa,winogrande")
+    e.add_argument("--data-dir", default=None, help="folder holding piqa/ and winogrande/ (default: $VACLM_DATA_DIR)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    e.add_argument("--batch-size", type=int, default=16, help="zero-shot requests per forward pass")
+    e.add_argument("--harness", action="store_true", help="score --tasks with lm-evaluation-harness (pip install lm-eval; hub data)")
     e.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     _common(e)
 
@@ -68,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     _common(i)
+
+    b = sub.add_parser("bench", help="prefill and decode speed and peak memory, against a baseline")
+    b.add_argument("model")
+    b.add_argument("--baseline", default=None, help="a second model measured in the same run (e.g. the dense original)")
+    b.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
+    b.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per run")
+    b.add_argument("--prefill-lens", type=_int_list, default=(512, 2048), help="prefill lengths, batch 1 (default 512,2048)")
+    b.add_argument("--decode-batches", type=_int_list, default=(1, 8), help="decode batch sizes (default 1,8)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    b.add_argument("--json", action="store_true")
+    _common(b)
 
     x = sub.add_parser("export", help="write a compressed model in another form")
     x.add_argument("model", help="a vaclm folder")
@@ -78,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     _common(x)
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}; write integers separated by commas, like 512,2048") from None
 
 
 def parse_size(text: str) -> int:
@@ -119,11 +142,67 @@ def cmd_compress(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from . import api
+    from .data.zeroshot import load_examples, parse_tasks
 
+    if args.ppl is None and args.tasks is None:
+        raise VaclmError("nothing to evaluate: give --ppl TEXT, --tasks piqa,winogrande, or both")
+    if args.harness and args.tasks is None:
+        raise VaclmError("--harness scores zero-shot tasks: add --tasks piqa,winogrande")
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    if tasks and not args.harness:
+        for task in tasks:  # a missing data file fails before the model loads
+            load_examples(task, args.data_dir, 1)
+    if args.harness:
+        from .eval.harness import harness_available
+
+        if not harness_available():
+            raise VaclmError("--harness needs lm-evaluation-harness: pip install lm-eval (or pip install 'vaclm[harness]')")
     model, tokenizer = api.load(args.model, dtype=args.dtype, device=args.device)
-    res = api.evaluate(model, args.ppl, tokenizer, seq_len=args.seq_len, max_windows=args.max_windows,
-                       progress=not args.quiet)
-    print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} x {res['seq_len']})")
+    res: dict = {}
+    if args.ppl is not None:
+        res = api.evaluate(model, args.ppl, tokenizer, seq_len=args.seq_len, max_windows=args.max_windows,
+                           progress=not args.quiet)
+        print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} x {res['seq_len']})")
+    if tasks:
+        if args.harness:
+            from .eval.harness import evaluate_with_harness
+
+            scores = evaluate_with_harness(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)
+        else:
+            scores = api.zero_shot(model, tasks, tokenizer, data_dir=args.data_dir, limit=args.limit,
+                                   batch_size=args.batch_size, progress=not args.quiet)
+        for task, metrics in scores.items():
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("acc", "acc_norm"))
+            size = f" ({metrics['examples']} of {metrics['of']} examples)" if "examples" in metrics else ""
+            print(f"{task}: {shown}{size}")
+        res["tasks"] = scores
+    return res
+
+
+def cmd_bench(args) -> dict:
+    import torch
+
+    from . import api
+    from .eval.speed import BenchSettings
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise VaclmError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(prefill_lens=args.prefill_lens, decode_batches=args.decode_batches, reps=args.reps,
+                             new_tokens=args.new_tokens)
+    settings.check()
+    model, _ = api.load(args.model, dtype=args.dtype, device=args.device)
+    baseline = api.load(args.baseline, dtype=args.dtype, device=args.device)[0] if args.baseline else None
+    res = api.bench(model, baseline, settings=settings, progress=not args.quiet)
+    res["model_source"], res["baseline_source"] = args.model, args.baseline
+    for name in ("model", "baseline") if baseline is not None else ("model",):
+        r = res[name]
+        prefill = "  ".join(f"prefill@{n} {v:,.0f} tok/s" for n, v in r["prefill_tokens_per_s"].items())
+        decode = "  ".join(f"decode b{b} {v:,.1f} tok/s" for b, v in r["decode_tokens_per_s"].items())
+        print(f"{name:8s} {prefill}  {decode}  weights {r['weight_bytes'] / 1e6:,.0f} MB  peak +{r['peak_memory_rise_bytes'] / 1e6:,.0f} MB")
+    if baseline is not None:
+        print("speedup  " + "  ".join(f"{k} {v:.3f}" for k, v in res.items() if k.endswith("speedup") or "speedup_" in k))
     return res
 
 
@@ -157,7 +236,7 @@ def cmd_export(args) -> dict:
     return {"out": args.out, "form": "int8" if args.int8 else "dense"}
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LowRankLinear(nn.Module):
@@ -20,7 +21,12 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        down, up = self.down, self.up
+        if _plain(down) and _plain(up):
+            # The matmuls directly: two submodule calls cost ~20 us of Python per token step on CPU,
+            # as much as the 576 x 232 matmul itself in a one-token decode step.
+            return F.linear(F.linear(x, down.weight), up.weight, up.bias)
+        return up(down(x))
 
     def dense_weight(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight
@@ -33,6 +39,13 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _plain(module: nn.Module) -> bool:
+    """An nn.Linear nobody hooks into or wraps (accelerate's offloading replaces `forward`; PEFT
+    replaces the module): then calling F.linear on its weight is exactly what its __call__ does."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
 
 
 def params_dense(out_features: int, in_features: int) -> int:
