@@ -19,8 +19,10 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     """Sum over rows of KL(p_teacher || p_student) at temperature T, times T^2 (Hinton et al. 2015):
     the T^2 keeps gradient magnitudes comparable across temperatures."""
     t = float(temperature)
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    if t != 1.0:  # a division over the full vocabulary is not free
+        student_logits, teacher_logits = student_logits / t, teacher_logits / t
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
     return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * (t * t)
 
 

@@ -251,7 +251,7 @@ class Trainer:
         validating = len(self.val) > 0
         if validating and not result.val:
             self.record_validation(result, 0)
-        bar = tqdm(total=self.total_steps * self.per_step * cfg.seq_len, initial=result.tokens, desc="heal",
+        bar = tqdm(total=len(self.order) * cfg.seq_len, initial=result.tokens, desc="heal",
                    unit="tok", unit_scale=True, disable=not self.progress)
         while result.steps < self.total_steps:
             k = result.steps
@@ -269,7 +269,8 @@ class Trainer:
                             lr=f"{record['lr']:.2e}", tok_s=f"{result.tokens_per_second:.0f}")
             if result.stopped_early:
                 break
-            if checkpoint is not None and (result.steps % cfg.checkpoint_every == 0 or result.steps == stop_after):
+            due = result.steps % cfg.checkpoint_every == 0 or result.steps == stop_after
+            if checkpoint is not None and due and not last:
                 self.save(checkpoint, result)
             if stop_after is not None and result.steps >= stop_after and not last:
                 bar.close()
