@@ -7,10 +7,11 @@ pipeline, methods and loaders are imported on first use.
 
 from .config import CompressConfig, MethodOptions
 from .errors import VaclmError
+from .recovery.config import HealConfig
 from .io import hf_quantizer as _hf_quantizer  # noqa: F401  (registers the quantizer)
 
 __version__ = "0.1.0"
-_API = ("compress", "save", "load", "evaluate", "quantize_int8", "zero_shot", "bench")
+_API = ("compress", "heal", "save", "load", "evaluate", "quantize_int8", "zero_shot", "bench")
 
 
 def __getattr__(name):
@@ -21,4 +22,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'vaclm' has no attribute {name!r}")
 
 
-__all__ = ["CompressConfig", "MethodOptions", "VaclmError", *_API]
+__all__ = ["CompressConfig", "HealConfig", "MethodOptions", "VaclmError", *_API]

@@ -1,4 +1,4 @@
-"""The Python API: compress(), save(), load(), evaluate(), zero_shot(), bench()."""
+"""The Python API: compress(), heal(), save(), load(), evaluate(), zero_shot(), bench()."""
 
 from __future__ import annotations
 
@@ -80,12 +80,91 @@ def quantize_int8(model):
 
 
 def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = False) -> Path:
-    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads after `import vaclm`."""
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads after `import vaclm`.
+
+    `result` is a compression result (allocation report) or a heal result (heal_report.json).
+    """
     from .io.report import write_allocation
     from .io.save import save_model
+    from .recovery.heal import HealResult
 
+    if isinstance(result, HealResult):
+        return save_model(model, Path(out), tokenizer, overwrite=overwrite, write_extra=result.write_files)
     return save_model(model, Path(out), tokenizer, overwrite=overwrite, report=result.to_dict() if result else None,
                       write_extra=(lambda folder: write_allocation(folder, result)) if result else None)
+
+
+def _load_student(source, device: str):
+    """A vaclm folder -> (model in float32 master weights, tokenizer, folder)."""
+    from .io.validate import read_vaclm_config
+    from .model.loading import resolve_source
+
+    folder = Path(resolve_source(source))
+    if not folder.is_dir() or read_vaclm_config(folder) is None:
+        raise VaclmError(f"{source} is not a vaclm folder (no vaclm quantization_config); "
+                         "heal the output of `vaclm compress`")
+    model, tokenizer = load(str(folder), dtype="float32", device=device)
+    return model, tokenizer, str(folder)
+
+
+def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenizer=None, device: str = "auto",
+         teacher_dtype: str | torch.dtype = "auto", progress: bool = True, checkpoint_dir: str | Path | None = None,
+         resume: bool = False, stop_after: int | None = None, source: str | None = None):
+    """Heal a compressed model by distilling `teacher` into its factors; returns a HealResult.
+
+    `model`: a vaclm folder or a model holding LowRankLinear layers (healed in place). `teacher`: a
+    model, or anything `load` reads (the original model, or any model sharing the tokenizer).
+    `calib`: a text file, folder or dataset name, or 1-D token ids; training and validation windows
+    are disjoint. `teacher_dtype` "auto" is bfloat16 on CUDA (the student then trains under bf16
+    autocast with float32 master weights) and float32 on CPU. With `checkpoint_dir` the state is
+    saved every `config.checkpoint_every` steps and `resume=True` continues a stopped run;
+    `stop_after` stops after that many optimizer steps (a resumable, unfinished result). `source`
+    names the folder a model passed as a module came from (its reports are copied on save).
+    """
+    from .data.text import load_text, tokenize
+    from .io.checkpoint import fingerprint
+    from .model.loading import resolve_device, resolve_dtype
+    from .recovery.checkpoint import HealCheckpoint
+    from .recovery.config import HealConfig
+    from .recovery.data import heal_windows
+    from .recovery.heal import heal_model
+
+    config = config or HealConfig()
+    device = resolve_device(device)
+    if isinstance(model, (str, Path)):
+        model, loaded_tokenizer, source = _load_student(model, "cpu")
+        tokenizer = tokenizer or loaded_tokenizer
+    compute_dtype = resolve_dtype(teacher_dtype, device)
+    teacher_name = getattr(getattr(teacher, "config", None), "_name_or_path", "") or type(teacher).__name__
+    if isinstance(teacher, (str, Path)):
+        teacher_name = str(teacher)
+        teacher, loaded_tokenizer = load(str(teacher), dtype=compute_dtype, device="cpu")
+        teacher_tokenizer = teacher_tokenizer or loaded_tokenizer
+    if tokenizer is not None and teacher_tokenizer is not None and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise VaclmError(f"the teacher {teacher_name} uses a different tokenizer than the student; "
+                         "choose a teacher that shares the student's tokenizer (e.g. the model it was compressed from)")
+    if calib is None:
+        raise VaclmError("heal needs text: a file, a folder, a dataset name or a tensor of token ids")
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long().flatten()
+    else:
+        ids = tokenize(tokenizer, load_text(str(calib), role="calibration"))
+    train, val = heal_windows(ids, config)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        identity = "|".join(f"{m.config.model_type}:{getattr(m.config, '_name_or_path', '')}:{m.num_parameters()}"
+                            for m in (model, teacher))
+        run_id = fingerprint(config.to_dict(), torch.cat([train.flatten(), val.flatten()]), identity)
+        checkpoint = HealCheckpoint(Path(checkpoint_dir), run_id, resume)
+    torch.manual_seed(config.seed)
+    try:
+        return heal_model(model, teacher, train, val, config, device=device, compute_dtype=compute_dtype,
+                          progress=progress, checkpoint=checkpoint, stop_after=stop_after, teacher_name=teacher_name,
+                          source=source)
+    except BaseException:
+        if checkpoint is not None and checkpoint.is_empty():
+            checkpoint.remove()  # nothing worth resuming
+        raise
 
 
 def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int | None = None,

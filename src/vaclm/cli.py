@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import CompressConfig, MethodOptions, METHODS, ALLOCATIONS, ORDERS
 from .errors import VaclmError
+from .recovery.config import HealConfig
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -84,6 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     b.add_argument("--json", action="store_true")
     _common(b)
+    h = sub.add_parser("heal", help="distil a teacher into a compressed model's factors and save the result")
+    h.add_argument("model", help="a vaclm folder (the output of `vaclm compress`)")
+    h.add_argument("--teacher", required=True, help="the original model, or any model sharing its tokenizer ('demo', folder, hub id, .gguf)")
+    h.add_argument("--calib", required=True, help="training text: file, folder of .txt, or wikitext2 / c4 (validation windows come from it too, disjoint)")
+    h.add_argument("--tokens", type=int, default=HealConfig.tokens, help="training tokens")
+    h.add_argument("--seq-len", type=int, default=HealConfig.seq_len)
+    h.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="sequences per forward pass")
+    h.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum, help="forward passes per optimizer step")
+    h.add_argument("--epochs", type=int, default=HealConfig.epochs)
+    h.add_argument("--lr", type=float, default=HealConfig.lr, help="peak AdamW learning rate")
+    h.add_argument("--warmup", type=float, default=HealConfig.warmup, help="fraction of steps with a linear warm-up")
+    h.add_argument("--min-lr-ratio", type=float, default=HealConfig.min_lr_ratio, help="cosine decays to lr x this")
+    h.add_argument("--weight-decay", type=float, default=HealConfig.weight_decay)
+    h.add_argument("--max-grad-norm", type=float, default=HealConfig.max_grad_norm, help="gradient clipping (0: off)")
+    h.add_argument("--temperature", type=float, default=HealConfig.temperature, help="KL at softmax(logits / T), times T^2")
+    h.add_argument("--hidden-weight", type=float, default=HealConfig.hidden_weight,
+                   help="weight of a normalised MSE between teacher and student hidden states (0: off)")
+    h.add_argument("--hidden-layers", type=int, nargs="+", default=None,
+                   help="hidden-state indices for that loss (0 = embeddings; default: every block output)")
+    h.add_argument("--train-norms", action="store_true", help="also train the normalisation weights")
+    h.add_argument("--train-bias", action="store_true", help="also train the factorised layers' biases")
+    h.add_argument("--val-tokens", type=int, default=HealConfig.val_tokens, help="held-out validation tokens (0: no validation)")
+    h.add_argument("--eval-every", type=int, default=HealConfig.eval_every, help="steps between validations (0: about 8 per run)")
+    h.add_argument("--patience", type=int, default=HealConfig.patience, help="validations without improvement before stopping")
+    h.add_argument("--checkpoint-every", type=int, default=HealConfig.checkpoint_every, help="steps between checkpoints")
+    h.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations (less memory, slower)")
+    h.add_argument("--seed", type=int, default=HealConfig.seed)
+    h.add_argument("--out", required=True, help="output folder (written atomically)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    h.add_argument("--resume", action="store_true", help="continue a stopped run from OUT.partial")
+    h.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    _common(h)
 
     x = sub.add_parser("export", help="write a compressed model in another form")
     x.add_argument("model", help="a vaclm folder")
@@ -138,6 +171,37 @@ def cmd_compress(args) -> dict:
     print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s"
           + (", factors stored as int8" if config.int8 else ""))
     return summary
+
+
+def cmd_heal(args) -> dict:
+    from . import api
+    from .io.save import check_output
+
+    config = HealConfig(
+        tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        epochs=args.epochs, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, temperature=args.temperature, hidden_weight=args.hidden_weight,
+        hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None, train_norms=args.train_norms,
+        train_bias=args.train_bias, val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+    )
+    check_output(Path(args.out), args.overwrite)  # fail before the slow part
+    partial = Path(f"{args.out}.partial")
+    if partial.exists() and args.overwrite and not args.resume:
+        shutil.rmtree(partial)
+    model, tokenizer, source = api._load_student(args.model, "cpu")
+    result = api.heal(model, args.teacher, args.calib, config, tokenizer=tokenizer, device=args.device,
+                      teacher_dtype=args.dtype, progress=not args.quiet, checkpoint_dir=partial, resume=args.resume,
+                      source=source)
+    api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    best = next((v for v in result.val if v["step"] == result.best_step), None)
+    where = f", validation KL {best['kl']:.4f} at step {result.best_step}" if best else ""
+    stop = " (stopped early)" if result.stopped_early else ""
+    print(f"saved {args.out}: {result.steps}/{result.total_steps} steps{stop}, {result.tokens} tokens at "
+          f"{result.tokens_per_second:.0f} tokens/s{where}")
+    return {"out": args.out, "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "tokens": result.tokens, "tokens_per_second": round(result.tokens_per_second, 2), "best_val": best}
 
 
 def cmd_eval(args) -> dict:
@@ -236,7 +300,8 @@ def cmd_export(args) -> dict:
     return {"out": args.out, "form": "int8" if args.int8 else "dense"}
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info, "export": cmd_export}
+COMMANDS = {"compress": cmd_compress, "heal": cmd_heal, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Healing a compressed model: knowledge distillation from a teacher into the low-rank factors."""

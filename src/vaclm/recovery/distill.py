@@ -1,0 +1,75 @@
+"""Distillation losses as tensor functions: KL on logits at a temperature, and a hidden-state loss.
+
+The KL is computed a chunk of positions at a time from the two models' final hidden states, so
+only `chunk` rows of full-vocabulary logits exist at once; its gradient comes back as a gradient
+on the student's hidden states, which one backward pass through the student's body then uses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over rows of KL(p_teacher || p_student) at temperature T, times T^2 (Hinton et al. 2015):
+    the T^2 keeps gradient magnitudes comparable across temperatures."""
+    t = float(temperature)
+    if t != 1.0:  # a division over the full vocabulary is not free
+        student_logits, teacher_logits = student_logits / t, teacher_logits / t
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * (t * t)
+
+
+def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
+               temperature: float, chunk: int, grad_scale: float | None = None,
+               labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None, float]:
+    """(KL summed over positions, d(grad_scale * KL)/d student_hidden or None, student NLL summed over labels).
+
+    Hidden states are (..., d); positions are flattened. With grad_scale None no gradient is built
+    (validation). `labels` (same leading shape, -100 = ignore) adds the student's next-token NLL.
+    """
+    d = student_hidden.shape[-1]
+    hs = student_hidden.detach().reshape(-1, d)
+    ht = teacher_hidden.reshape(-1, d)
+    flat_labels = labels.reshape(-1) if labels is not None else None
+    grad = torch.empty_like(hs) if grad_scale is not None else None
+    total, nll = 0.0, 0.0
+    for start in range(0, hs.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        with torch.no_grad():
+            teacher_logits = teacher_head(ht[rows])
+        if grad is None:
+            with torch.no_grad():
+                student_logits = student_head(hs[rows])
+                total += kl_sum(student_logits, teacher_logits, temperature).item()
+        else:
+            piece = hs[rows].clone().requires_grad_(True)
+            student_logits = student_head(piece)
+            loss = kl_sum(student_logits, teacher_logits, temperature)
+            (grad[rows],) = torch.autograd.grad(loss * grad_scale, piece)
+            total += loss.item()
+        if flat_labels is not None:
+            nll += F.cross_entropy(student_logits.detach().float(), flat_labels[rows], ignore_index=-100,
+                                   reduction="sum").item()
+    return total, (grad.view_as(student_hidden) if grad is not None else None), nll
+
+
+def hidden_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2: scale-free, so layers whose activations are
+    large (later blocks, outlier channels) do not drown the others."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student_states, teacher_states)]
+    return torch.stack(terms).mean()
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[:, i] = input_ids[:, i + 1]; the last position predicts nothing (-100)."""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels

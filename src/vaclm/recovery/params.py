@@ -1,0 +1,46 @@
+"""Which parameters healing trains: the low-rank factors (and optionally biases and norms); the
+rest is frozen, so neither gradients nor optimizer state are kept for it."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import VaclmError
+from ..model.lowrank import LowRankLinear
+from .config import HealConfig
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, GemmaRMSNorm, ...: the naming is consistent across families."""
+    return "norm" in type(module).__name__.lower()
+
+
+def trainable_parameters(model: nn.Module, config: HealConfig) -> dict[str, nn.Parameter]:
+    """Name -> parameter of everything healing updates, in a fixed order (the optimizer's order)."""
+    chosen: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            chosen[f"{name}.down.weight"] = module.down.weight
+            chosen[f"{name}.up.weight"] = module.up.weight
+            if config.train_bias and module.up.bias is not None:
+                chosen[f"{name}.up.bias"] = module.up.bias
+        elif config.train_norms and is_norm(module):
+            for pname, p in module.named_parameters(recurse=False):
+                chosen[f"{name}.{pname}"] = p
+    if not any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise VaclmError("the model has no factorised layers to heal; compress it first with `vaclm compress`")
+    return chosen
+
+
+def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, bool]:
+    """Set requires_grad on exactly `trainable`; returns the previous flags for `restore_flags`."""
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    keep = {id(p) for p in trainable.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return previous
+
+
+def restore_flags(model: nn.Module, previous: dict[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(previous.get(name, True))
