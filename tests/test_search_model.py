@@ -216,3 +216,42 @@ def test_ray_backend_scores_like_in_process():
         pool.close()
     assert got[0] == pytest.approx(expected[0], rel=1e-5) and got[1] == pytest.approx(expected[1], rel=1e-5)
     assert len(set(expected[1])) == 4  # different genomes, different scores
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer, so a tiny model reads real text through the CLI."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_cli_evolve_end_to_end_and_evaluation_text_refused(tmp_path, capsys):
+    from conftest import WIKI_TEST, WIKI_VALID
+    from vaclm.cli import main
+
+    if not WIKI_VALID.exists():
+        pytest.skip("wikitext-2 not in shared/data")
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "tiny")
+    byte_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "valid.txt").write_text(WIKI_VALID.read_text()[:40_000])
+    (tmp_path / "test.txt").write_text(WIKI_TEST.read_text()[:20_000])
+    common = ["compress", str(tmp_path / "tiny"), "--keep", "0.5", "--allocation", "evolve", "--generations", "2",
+              "--offspring", "3", "--fitness-tokens", "128,512", "--calib", str(tmp_path / "valid.txt"),
+              "--calib-samples", "8", "--calib-seq-len", "64", "--quiet"]
+    capsys.readouterr()
+    assert main([*common, "--eval", str(tmp_path / "test.txt"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "search: 2 generations, fitness KL" in out
+    history = json.loads((tmp_path / "out" / "search.json").read_text())["history"]
+    assert len(history) == 3 and history[-1]["fitness"] <= history[0]["fitness"]
+    assert not (tmp_path / "out.partial").exists()
+
+    assert main([*common, "--eval", str(tmp_path / "valid.txt"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar of transformers
+    assert err.startswith("vaclm: error: calibration and evaluation data overlap (100.0% of their 32-token")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
