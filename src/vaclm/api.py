@@ -26,41 +26,94 @@ def load(source: str, dtype: str | torch.dtype = "auto", device: str = "cpu") ->
 
 def calibration_ids(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
     """`calib` as samples x seq_len token ids: a tensor passes through, text is tokenised and windowed."""
-    from .data.text import calibration_windows, load_text, tokenize
+    from .data.text import calibration_windows
 
     if isinstance(calib, torch.Tensor):
         ids = calib.long()
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise VaclmError("calibration ids must be a 2-D tensor (samples x seq_len) with seq_len >= 2")
         return ids
-    ids = tokenize(tokenizer, load_text(str(calib), role="calibration"))
+    ids = _stream(calib, tokenizer, "calibration")
     return calibration_windows(ids, config.calib_samples, config.calib_seq_len, config.seed)[0]
+
+
+def _stream(source, tokenizer, role: str) -> torch.Tensor:
+    from .data.text import load_text, tokenize
+
+    return source.long() if isinstance(source, torch.Tensor) else tokenize(tokenizer, load_text(str(source), role=role))
+
+
+def data_roles(calib, fitness, eval_text, tokenizer, config: CompressConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibration windows, fitness windows or None), with the three roles checked apart.
+
+    Fitness data feeds only `--allocation evolve`: by default the windows of the calibration text
+    that were not drawn for calibration; a separate `fitness` text or tensor must not overlap the
+    calibration windows. `eval_text`, the text results will be reported on, is refused if it
+    overlaps either.
+    """
+    from .data.roles import check_disjoint, fitness_split
+
+    evolve = config.allocation == "evolve"
+    if fitness is not None and not evolve:
+        raise VaclmError("fitness data is used only by --allocation evolve; leave it out or choose that allocation")
+    fitness_tokens = config.search.fitness_tokens[-1]
+    split_fitness = evolve and fitness is None
+    if split_fitness and isinstance(calib, torch.Tensor):
+        raise VaclmError("with calibration token ids, pass fitness token ids too (held out from calibration)")
+    if split_fitness:  # held-out windows of the same tiling: disjoint by position
+        stream = _stream(calib, tokenizer, "calibration")
+        ids, fit = fitness_split(stream, config.calib_samples, config.calib_seq_len, config.seed, fitness_tokens)
+    else:
+        ids, fit = calibration_ids(calib, tokenizer, config), None
+    if fitness is not None:
+        fit = fitness.long() if isinstance(fitness, torch.Tensor) else _stream(fitness, tokenizer, "calibration")
+        if fit.dim() == 1:
+            seq = config.calib_seq_len
+            n = min(fit.numel() // seq, -(-fitness_tokens // seq))
+            fit = fit[: n * seq].view(n, seq)
+        check_disjoint({"calibration": ids, "fitness": fit})
+    if eval_text is not None:
+        check_disjoint({"calibration": ids, "fitness": fit, "evaluation": _stream(eval_text, tokenizer, "evaluation")})
+    return ids, fit
 
 
 def compress(model, config: CompressConfig | None = None, calib=None, *, tokenizer=None, ranks=None,
              device: str = "cpu", progress: bool = True, checkpoint_dir: str | Path | None = None,
-             resume: bool = False, gradients: dict | None = None):
+             resume: bool = False, gradients: dict | None = None, fitness=None, eval_text=None,
+             workers: int | str | None = None):
     """Compress `model` in place; returns a CompressionResult (ranks, errors, kept fraction).
 
     With `checkpoint_dir`, every finished block is saved there; `resume=True` continues a run
     that was killed, giving the same result as an uninterrupted one.
+    The three data roles are separate arguments: `calib` (statistics), `fitness` (what
+    `allocation="evolve"` scores candidates on; default: held-out windows of `calib`) and
+    `eval_text` (optional: the text results will be reported on, refused if it overlaps the other
+    two). `workers`: score the search's offspring on Ray workers (a number, or a cluster address).
     """
     from .io.checkpoint import Checkpoint, fingerprint
     from .model.loading import resolve_device
     from .pipeline.compress import compress_model
+    from .pipeline.evolve import evolve_model
 
     config = config or CompressConfig()
     if calib is None:
         raise VaclmError("compress needs calibration text: a file, a dataset name or a tensor of token ids")
-    ids = calibration_ids(calib, tokenizer, config)
+    if ranks is not None and config.allocation == "evolve":
+        raise VaclmError("given ranks leave nothing to search; drop them or choose another allocation")
+    ids, fit = data_roles(calib, fitness, eval_text, tokenizer, config)
     checkpoint = None
     if checkpoint_dir is not None:
         model_id = f"{model.config.model_type}:{getattr(model.config, '_name_or_path', '')}:{model.num_parameters()}"
-        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), ids, model_id), resume)
+        data = ids if fit is None else torch.cat([ids.flatten(), fit.flatten()])
+        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), data, model_id), resume)
     torch.manual_seed(config.seed)
     try:
-        result = compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
-                                checkpoint=checkpoint, gradients=gradients)
+        if config.allocation == "evolve":
+            result = evolve_model(model, config, ids, fit, device=resolve_device(device), progress=progress,
+                                  checkpoint=checkpoint, gradients=gradients, workers=workers)
+        else:
+            result = compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
+                                    checkpoint=checkpoint, gradients=gradients)
     except BaseException:
         if checkpoint is not None and checkpoint.is_empty():
             checkpoint.remove()  # nothing worth resuming: leave no trace of a run that failed at once
@@ -87,11 +140,17 @@ def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = 
     from .io.report import write_allocation
     from .io.save import save_model
     from .recovery.heal import HealResult
+    from .search.history import write_search
+
+    def extra(folder):
+        write_allocation(folder, result)
+        if getattr(result, "search", None):  # --allocation evolve: search.json and search.png
+            write_search(folder, result.search)
 
     if isinstance(result, HealResult):
         return save_model(model, Path(out), tokenizer, overwrite=overwrite, write_extra=result.write_files)
     return save_model(model, Path(out), tokenizer, overwrite=overwrite, report=result.to_dict() if result else None,
-                      write_extra=(lambda folder: write_allocation(folder, result)) if result else None)
+                      write_extra=extra if result else None)
 
 
 def _load_student(source, device: str):

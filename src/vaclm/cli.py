@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CompressConfig, MethodOptions, METHODS, ALLOCATIONS, ORDERS
+from .config import CompressConfig, MethodOptions, SearchOptions, METHODS, ALLOCATIONS, ORDERS
 from .errors import VaclmError
 from .recovery.config import HealConfig
 
@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-exponent", type=float, default=MethodOptions.fisher_exponent, help="fwsvd: s(F) = F^p")
     c.add_argument("--fisher-mode", default=MethodOptions.fisher_mode, choices=("rows", "rows+cols"))
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
+    c.add_argument("--fitness", default=None,
+                   help="evolve: text candidates are scored on (default: windows of --calib not drawn for calibration)")
+    c.add_argument("--eval", default=None, dest="eval_text",
+                   help="the text results will be reported on: refused if calibration or fitness data overlaps it")
+    s = c.add_argument_group("evolutionary search (--allocation evolve)")
+    s.add_argument("--generations", type=int, default=None, help="stop after N generations")
+    s.add_argument("--time-limit", type=float, default=None, help="stop before the next generation would pass SECONDS")
+    s.add_argument("--offspring", type=int, default=SearchOptions.offspring, help="mutants per generation")
+    s.add_argument("--survivors", type=_int_list, default=SearchOptions.survivors, help="kept after each stage, e.g. 2,1")
+    s.add_argument("--fitness-tokens", type=_int_list, default=SearchOptions.fitness_tokens,
+                   help="tokens each selection stage scores, e.g. 2048,8192")
+    s.add_argument("--search-exponent", action="store_true", help="also search the Fisher exponent (fwsvd)")
+    s.add_argument("--search-order", action="store_true", help="materialise the winner in every block order, keep the best")
+    s.add_argument("--workers", default=None, help="score offspring on Ray: N local workers, or ray://host:port")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--resume", action="store_true", help="continue a killed run from OUT.partial")
@@ -156,20 +170,32 @@ def cmd_compress(args) -> dict:
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
+        search=SearchOptions(generations=args.generations, time_limit=args.time_limit, offspring=args.offspring,
+                             survivors=args.survivors, fitness_tokens=args.fitness_tokens,
+                             search_exponent=args.search_exponent, search_order=args.search_order),
     )
+    from .search.backends import parse_workers
+
+    workers = parse_workers(args.workers)
     check_output(Path(args.out), args.overwrite)  # fail before the slow part
     partial = Path(f"{args.out}.partial")
     if partial.exists() and args.overwrite and not args.resume:
         shutil.rmtree(partial)
     model, tokenizer = api.load(args.model, dtype=args.dtype, device="cpu")
     result = api.compress(model, config, args.calib, tokenizer=tokenizer, device=args.device, progress=not args.quiet,
-                          checkpoint_dir=partial, resume=args.resume)
+                          checkpoint_dir=partial, resume=args.resume, fitness=args.fitness, eval_text=args.eval_text,
+                          workers=workers)
     api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1),
                "int8": config.int8}
     print(f"saved {args.out}: kept {result.kept_fraction:.4f} of decoder linear parameters in {result.seconds:.0f} s"
           + (", factors stored as int8" if config.int8 else ""))
+    if getattr(result, "search", None):
+        s = result.search
+        summary.update(fitness_start=s["start_fitness"], fitness_final=s["final_fitness"], generations=s["generations"])
+        print(f"search: {s['generations']} generations, fitness KL {s['start_fitness']:.5f} -> {s['final_fitness']:.5f}; "
+              f"kept {s['start_kept_fraction']:.4f} (knapsack) -> {s['kept_fraction']:.4f}; materialised {s['chosen']}")
     return summary
 
 

@@ -13,7 +13,7 @@ from .errors import VaclmError
 
 CONFIG_VERSION = 1
 METHODS = ("svd", "svd-llm", "fwsvd", "asvd", "gfwsvd")
-ALLOCATIONS = ("uniform", "knapsack")
+ALLOCATIONS = ("uniform", "knapsack", "evolve")
 ORDERS = ("front-to-back", "back-to-front", "middle-out")
 
 
@@ -46,6 +46,40 @@ class MethodOptions:
 
 
 @dataclass(frozen=True)
+class SearchOptions:
+    """`--allocation evolve`: the evolutionary search that starts from the knapsack solution."""
+
+    generations: int | None = None  # stop after this many generations ...
+    time_limit: float | None = None  # ... or before the next one would pass this many seconds
+    offspring: int = 8  # mutants per generation
+    survivors: tuple[int, ...] = (2, 1)  # kept after each selection stage
+    fitness_tokens: tuple[int, ...] = (2048, 8192)  # tokens each stage scores (rounded up to windows)
+    max_moves: int = 4  # level switches per mutation: 1..max_moves
+    search_exponent: bool = False  # also search the Fisher exponent (fwsvd)
+    exponents: tuple[float, ...] = (0.25, 1.0 / 3.0, 0.5, 0.75, 1.0)
+    search_order: bool = False  # materialise the winner in every block order, keep the best
+    kl_top_k: int = 1024  # dense log-probs kept per token for the KL (the rest is one tail outcome)
+
+    def __post_init__(self):
+        object.__setattr__(self, "survivors", tuple(int(v) for v in self.survivors))
+        object.__setattr__(self, "fitness_tokens", tuple(int(v) for v in self.fitness_tokens))
+        object.__setattr__(self, "exponents", tuple(float(v) for v in self.exponents))
+        if self.generations is not None and self.generations < 1:
+            raise VaclmError(f"generations must be >= 1, got {self.generations}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise VaclmError(f"time limit must be positive, got {self.time_limit}")
+        if len(self.survivors) != len(self.fitness_tokens):
+            raise VaclmError(f"give one --survivors per --fitness-tokens stage, got {self.survivors} and {self.fitness_tokens}")
+        if (self.survivors[-1] != 1 or min(self.survivors) < 1 or list(self.survivors) != sorted(self.survivors, reverse=True)
+                or self.survivors[0] > self.offspring):
+            raise VaclmError(f"survivors must fall stage by stage to 1 and start at most at --offspring, got {self.survivors}")
+        if min(self.fitness_tokens) < 1 or list(self.fitness_tokens) != sorted(self.fitness_tokens):
+            raise VaclmError(f"fitness tokens must be positive and grow stage by stage, got {self.fitness_tokens}")
+        if self.offspring < 1 or self.max_moves < 1 or self.kl_top_k < 1:
+            raise VaclmError("offspring, max moves and KL top-k must be >= 1")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """What to compress, how, and under which budget."""
 
@@ -70,6 +104,7 @@ class CompressConfig:
     batch_size: int = 4
     seed: int = 0
     options: MethodOptions = field(default_factory=MethodOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
 
     def __post_init__(self):
         if not (0.0 < self.keep <= 1.0):
@@ -84,6 +119,10 @@ class CompressConfig:
             raise VaclmError(f"target size must be positive, got {self.target_bytes} bytes")
         if self.rank_align < 1:
             raise VaclmError(f"rank alignment must be >= 1, got {self.rank_align}")
+        if self.allocation == "evolve" and self.search.generations is None and self.search.time_limit is None:
+            raise VaclmError("--allocation evolve needs --generations N, --time-limit SECONDS, or both")
+        if self.search.search_exponent and self.method != "fwsvd":
+            raise VaclmError(f"--search-exponent needs a method with a Fisher exponent (fwsvd); {self.method} has none")
         for name in ("calib_samples", "calib_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise VaclmError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -100,4 +139,5 @@ class CompressConfig:
         if version > CONFIG_VERSION:
             raise VaclmError(f"config version {version} is newer than this vaclm ({CONFIG_VERSION}); upgrade vaclm")
         options = MethodOptions(**data.pop("options", {}))
-        return cls(options=options, **data)
+        search = SearchOptions(**data.pop("search", {}))
+        return cls(options=options, search=search, **data)

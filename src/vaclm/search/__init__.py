@@ -1,0 +1,1 @@
+"""Evolutionary search of the allocation (EvoPress-style): engine, factor bank, fitness, backends."""

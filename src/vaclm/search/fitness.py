@@ -1,0 +1,143 @@
+"""Fitness of a candidate allocation: KL divergence of its next-token distribution from the dense model's.
+
+The dense distributions of the fitness windows are computed once (`Reference`). To keep them small
+for large vocabularies only the dense top-k log-probabilities are stored, with the mass outside
+them as one extra "tail" outcome: the KL of these coarsened distributions, a lower bound of the
+full KL that is exact when k covers the vocabulary (it is, for the tiny test models).
+
+`Evaluator` scores genomes on a model whose targets are SlicedLowRank modules: stage s < last uses
+a subset of the fitness windows drawn from (seed, generation, s), fresh every generation as in
+EvoPress; the last stage always uses the same windows, so the engine can cache its scores.
+Everything it needs travels in a `FitnessSpec`, so a Ray worker builds the same evaluator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import MethodOptions
+from .bank import Factors, bank_from_weights, set_factors, set_ranks, sliced
+from .engine import Genome
+
+
+@dataclass
+class Reference:
+    indices: torch.Tensor  # windows x L x k: the dense top-k token ids
+    logp: torch.Tensor  # windows x L x k: their dense log-probabilities
+    tail: torch.Tensor  # windows x L: log of the dense mass outside the top k (-inf when none)
+    const: torch.Tensor  # windows x L: sum p log p of the coarsened dense distribution
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: nn.Module, windows: torch.Tensor, top_k: int, progress: bool = True) -> "Reference":
+        device = next(model.parameters()).device
+        parts = []
+        for w in tqdm(windows, desc="search: dense logits", disable=not progress, unit="window"):
+            logp = torch.log_softmax(model(input_ids=w[None].to(device), use_cache=False).logits[0].float(), -1)
+            k = min(top_k, logp.shape[-1])
+            values, indices = logp.topk(k, dim=-1)
+            tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)) if k < logp.shape[-1] else \
+                torch.full(values.shape[:-1], -torch.inf, device=values.device)
+            const = (values.exp() * values).sum(-1) + torch.where(tail > -torch.inf, tail.exp() * tail, 0.0)
+            parts.append((indices.int().cpu(), values.cpu(), tail.cpu(), const.cpu()))
+        return cls(*(torch.stack(p) for p in zip(*parts)))
+
+    def kl(self, window: int, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token KL(dense || candidate) of one window, from the candidate's logits (L x vocab)."""
+        dev = logits.device
+        logq = torch.log_softmax(logits.float(), -1)
+        idx = self.indices[window].to(dev).long()
+        cross = (self.logp[window].to(dev).exp() * logq.gather(-1, idx)).sum(-1)
+        tail = self.tail[window].to(dev)
+        if torch.isfinite(tail).any():  # the candidate's mass outside the dense top k
+            logq_tail = torch.logsumexp(logq.scatter(-1, idx, -torch.inf), -1)
+            cross = cross + torch.where(tail > -torch.inf, tail.exp() * logq_tail, 0.0)
+        return self.const[window].to(dev) - cross
+
+
+@dataclass
+class FitnessSpec:
+    """Everything needed to score genomes; picklable, so a Ray worker rebuilds the same evaluator."""
+
+    model: nn.Module  # the dense model
+    names: list[str]  # target of each genome item
+    choices: list[list[int | None]]  # rank of each level of each item (None: dense)
+    windows: torch.Tensor  # the last stage's fitness windows (n x seq_len)
+    reference: Reference
+    stage_windows: list[int]  # windows scored per stage (the last: all of them)
+    seed: int
+    banks: dict[int, Factors] = field(default_factory=dict)  # exponent index -> factors (prebuilt)
+    exponents: list[float] = field(default_factory=list)  # gene 0 options; empty when not searched
+    method: str = "fwsvd"  # how to build banks of other exponents
+    options: MethodOptions = field(default_factory=MethodOptions)
+    gradients: dict = field(default_factory=dict)  # what those banks need (Fisher sums)
+    top: dict[str, int] = field(default_factory=dict)  # largest rank of each banked target
+
+    def ranks(self, genome: Genome) -> dict[str, int | None]:
+        return {n: c[j] for n, c, j in zip(self.names, self.choices, genome.levels)}
+
+    def stage_subset(self, stage: int, generation: int) -> list[int]:
+        n = self.windows.shape[0]
+        if stage < 0 or stage >= len(self.stage_windows) - 1:
+            return list(range(n))
+        rng = np.random.default_rng([self.seed, generation, stage, 1])
+        return sorted(int(i) for i in rng.choice(n, self.stage_windows[stage], replace=False))
+
+
+class Evaluator:
+    """Scores genomes in this process; `close()` gives the model its original modules back."""
+
+    def __init__(self, spec: FitnessSpec, device: str | None = None, progress: bool = False):
+        self.spec = spec
+        self.model = spec.model if device is None else spec.model.to(device)
+        self.banks = dict(spec.banks)
+        self.exponent = min(self.banks) if self.banks else 0
+        self._stack = contextlib.ExitStack()
+        self.modules = self._stack.enter_context(sliced(self.model, self._bank(self.exponent)))
+        self.progress = progress
+
+    def _bank(self, index: int) -> Factors:
+        if index not in self.banks:  # another Fisher exponent: weights and Fisher sums suffice (fwsvd)
+            from ..methods import build_method
+
+            s = self.spec
+            method = build_method(s.method, replace(s.options, fisher_exponent=s.exponents[index]))
+            dense = {n: getattr(m, "dense", m) for n, m in
+                     ((n, self.model.get_submodule(n)) for n in s.top)}
+            self.banks[index] = bank_from_weights(dense, method, s.gradients, s.top, progress=self.progress)
+        return self.banks[index]
+
+    def set(self, genome: Genome) -> None:
+        if self.spec.exponents and genome.genes[0] != self.exponent:
+            self.exponent = genome.genes[0]
+            set_factors(self.modules, self._bank(self.exponent))
+        set_ranks(self.modules, self.spec.ranks(genome))
+
+    def score_one(self, genome: Genome, windows: list[int]) -> float:
+        self.set(genome)
+        return model_fitness(self.model, self.spec.windows, self.spec.reference, windows)
+
+    def __call__(self, genomes: list[Genome], stage: int, generation: int) -> list[float]:
+        windows = self.spec.stage_subset(stage, generation)
+        return [self.score_one(g, windows) for g in genomes]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@torch.no_grad()
+def model_fitness(model: nn.Module, windows: torch.Tensor, reference: Reference, subset: list[int] | None = None) -> float:
+    """Mean per-token KL from the dense model over `subset` of the fitness windows (all by default);
+    also how a materialised model is scored, comparably with the search's scores."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for w in range(windows.shape[0]) if subset is None else subset:
+        kl = reference.kl(w, model(input_ids=windows[w][None].to(device), use_cache=False).logits[0])
+        total, count = total + float(kl.double().sum()), count + kl.numel()
+    return total / count
