@@ -133,6 +133,7 @@ for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
     with torch.no_grad():
         save_file({"logits": model(input_ids=ids).logits.contiguous()}, out)
 """
+
 _FOLDERS = {}
 
 
