@@ -7,8 +7,9 @@ Both models run in the same process under the same conditions: warm-up first, th
 that alternate between the two (and swap which goes first every repetition, so slow drift from
 other jobs on the machine hits both alike); medians are reported. On CPU the same ratios are also
 computed from the process's CPU seconds (`cpu_time_speedups`), which other jobs disturb less.
-Peak memory: CUDA max allocated; on CPU the weights' bytes and the resident-memory rise during
-the run (the kernel's high-water mark, reset before each measurement through /proc/self/clear_refs).
+Peak memory: the weights' bytes, and the rise above them during the timed runs (CUDA: max
+allocated; CPU: resident memory, the kernel's high-water mark reset before each run through
+/proc/self/clear_refs): activations and KV cache.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
             for name in order:
                 with PeakMemory(device) as mem:
                     timer = run(models[name], *job)
-                rise[name] = max(rise[name], mem.rise)
-                if rep:
+                if rep:  # the warm-up also pages in memory-mapped weights: not the run's own memory
+                    rise[name] = max(rise[name], mem.rise)
                     times[name][job].append(timer.wall)
                     cpu[name][job].append(timer.cpu)
                 bar.update()
