@@ -100,6 +100,16 @@ def test_chunked_kl_equals_full_autograd():
     assert math.isclose(kl_sum(head_s(hs), head_t(ht), 1.0).item(), direct.item(), rel_tol=1e-5)
 
 
+def test_balanced_factors_keep_the_product_and_share_the_scale():
+    from vaclm.linalg.balance import balanced_factors
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(40, 8, generator=g) * 100, torch.randn(8, 30, generator=g) / 1000  # as gfwsvd leaves them
+    new_up, new_down = balanced_factors(up, down)
+    torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-5, atol=1e-7)
+    assert math.isclose(new_up.norm().item(), new_down.norm().item(), rel_tol=1e-4)  # both sum(sqrt(s))
+
+
 def test_stop_then_resume_equals_uninterrupted_run(pair, tmp_path):
     teacher, compressed = pair
     config = HealConfig(**{**FAST, "eval_every": 3, "checkpoint_every": 2, "patience": 10})

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden-state indices for that loss (0 = embeddings; default: every block output)")
     h.add_argument("--train-norms", action="store_true", help="also train the normalisation weights")
     h.add_argument("--train-bias", action="store_true", help="also train the factorised layers' biases")
+    h.add_argument("--balance", action=argparse.BooleanOptionalAction, default=HealConfig.balance,
+                   help="rebalance each factor pair before training (same product, better conditioned)")
     h.add_argument("--val-tokens", type=int, default=HealConfig.val_tokens, help="held-out validation tokens (0: no validation)")
     h.add_argument("--eval-every", type=int, default=HealConfig.eval_every, help="steps between validations (0: about 8 per run)")
     h.add_argument("--patience", type=int, default=HealConfig.patience, help="validations without improvement before stopping")
@@ -208,7 +210,7 @@ def cmd_heal(args) -> dict:
         epochs=args.epochs, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, temperature=args.temperature, hidden_weight=args.hidden_weight,
         hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None, train_norms=args.train_norms,
-        train_bias=args.train_bias, val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience,
+        train_bias=args.train_bias, balance=args.balance, val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
     )
     check_output(Path(args.out), args.overwrite)  # fail before the slow part

@@ -36,6 +36,9 @@ class HealConfig:
     hidden_layers: tuple[int, ...] | None = None  # indices into hidden_states (0 = embeddings); None: every block output
     train_norms: bool = False  # also train the normalisation layers' weights
     train_bias: bool = False  # also train the biases the factorised layers carry
+    # rebalance each factor pair first (same product): whitened methods leave `down` tiny and `up`
+    # huge, and one AdamW learning rate then diverges on one and stalls on the other
+    balance: bool = True
     val_tokens: int = 8192  # held-out windows for validation and early stopping (0: none)
     eval_every: int = 0  # optimizer steps between validations; 0: about 8 per run
     patience: int = 3  # validations without improvement before stopping

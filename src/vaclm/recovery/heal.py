@@ -27,7 +27,7 @@ from ..model.heads import head_logits, run_body, vocab_size
 from .checkpoint import HealCheckpoint, pack_optimizer, unpack_optimizer
 from .config import HealConfig
 from .distill import chunked_kl, hidden_loss, next_token_labels
-from .params import freeze_all_but, restore_flags, trainable_parameters
+from .params import balance_factors, freeze_all_but, restore_flags, trainable_parameters
 
 # files of the compressed folder that still describe the healed one (ranks are unchanged)
 CARRIED_FILES = ("vaclm_report.json", "allocation.json", "allocation.png")
@@ -296,6 +296,8 @@ def heal_model(student, teacher, train: torch.Tensor, val: torch.Tensor, config:
     student.to(device=device, dtype=torch.float32)  # fp32 master weights; bf16 only inside autocast
     teacher.to(device)
     teacher.eval()
+    if config.balance:
+        balance_factors(student)
     flags = freeze_all_but(student, trainable)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

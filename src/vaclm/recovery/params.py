@@ -3,9 +3,11 @@ rest is frozen, so neither gradients nor optimizer state are kept for it."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..errors import VaclmError
+from ..linalg.balance import balanced_factors
 from ..model.lowrank import LowRankLinear
 from .config import HealConfig
 
@@ -44,3 +46,13 @@ def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict
 def restore_flags(model: nn.Module, previous: dict[str, bool]) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(previous.get(name, True))
+
+
+@torch.no_grad()
+def balance_factors(model: nn.Module) -> None:
+    """Rebalance every LowRankLinear in place (same product; see linalg/balance.py)."""
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            up, down = balanced_factors(module.up.weight, module.down.weight)
+            module.up.weight.copy_(up)
+            module.down.weight.copy_(down)
