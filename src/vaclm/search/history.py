@@ -19,7 +19,7 @@ def plot_search(history: list[dict], path: Path, title: str) -> None:
 
     gens = [h["generation"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(gens, [h["fitness"] for h in history], drawstyle="steps-post", marker=".")
+    ax.plot(gens, [h["fitness"] for h in history], marker=".")  # the parent after each generation
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness: KL to the dense model (nats/token)")
     ax.set_title(title, fontsize=9)
