@@ -87,7 +87,7 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
     state_path = checkpoint.folder / STATE_FILE if checkpoint else None
     saved = json.loads(state_path.read_text()) if state_path and state_path.exists() else None
     if saved is None:
-        start_ranks, _ = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
+        start_ranks, _, _ = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
     else:
         start_ranks = saved["start_ranks"]
     start = Genome(tuple(c.index(start_ranks[n]) for n, c in zip(names, choices)), (base,) if exponents else ())
