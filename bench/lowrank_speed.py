@@ -1,4 +1,4 @@
-"""When does a factorised linear (x -> up(down(x))) run faster than the dense one on this CPU?
+"""When does vaclm's LowRankLinear (x -> up(down(x))) run faster than the dense linear on this CPU?
 
     .venv/bin/python bench/lowrank_speed.py            # 1 thread; writes bench/results/lowrank_speed.{json,md}
 
@@ -25,13 +25,14 @@ import torch
 import torch.nn as nn
 
 from common import write_results
+from vaclm.model.lowrank import LowRankLinear
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576), "down_proj": (576, 1536)}
 FRACTIONS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def lowrank(out_f: int, in_f: int, rank: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_f, rank, bias=False), nn.Linear(rank, out_f, bias=False))
+    return LowRankLinear(in_f, out_f, rank, bias=False)
 
 
 def paired_times(dense, factored, x, reps: int, inner: int = 1) -> tuple[float, float]:
@@ -88,7 +89,7 @@ def stream(reps: int, frac: float = 0.8, layers: int = 30) -> dict:
             low.append(lowrank(out_f, in_f, rank))
     xs = {576: torch.randn(1, 1, 576), 1536: torch.randn(1, 1, 1536)}
     run_dense = lambda _: [m(xs[m.in_features]) for m in dense]
-    run_low = lambda _: [m(xs[m[0].in_features]) for m in low]
+    run_low = lambda _: [m(xs[m.in_features]) for m in low]
     t_dense, t_low = paired_times(run_dense, run_low, None, reps)
     params = lambda ms: sum(p.numel() for m in ms for p in m.parameters())
     return {"layers": layers, "param_ratio": round(params(low) / params(dense), 3), "dense_ms": t_dense * 1e3,
