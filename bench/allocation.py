@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from common import RESULTS, compress_and_eval, run_worker, write_results
 
-SETTINGS = [
-    {"allocation": "uniform", "order": "front-to-back", "sequential": True},
+SETTINGS = [  # dense_targets False: each matrix fitted to its own weight on the real inputs
+    {"allocation": "uniform", "order": "front-to-back", "sequential": True, "dense_targets": False},
     {"allocation": "uniform", "order": "front-to-back", "sequential": False},
-    {"allocation": "knapsack", "order": "front-to-back", "sequential": True},
+    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "dense_targets": False},
     {"allocation": "knapsack", "order": "front-to-back", "sequential": False},
-    {"allocation": "knapsack", "order": "middle-out", "sequential": True},
-    {"allocation": "knapsack", "order": "back-to-front", "sequential": True},
-    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "within_block": True},
+    {"allocation": "knapsack", "order": "middle-out", "sequential": True, "dense_targets": False},
+    {"allocation": "knapsack", "order": "back-to-front", "sequential": True, "dense_targets": False},
+    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "within_block": True, "dense_targets": False},
+    # fitted to the dense model's outputs (the default now)
+    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "dense_targets": True},
+    {"allocation": "knapsack", "order": "middle-out", "sequential": True, "dense_targets": True},
+    {"allocation": "knapsack", "order": "back-to-front", "sequential": True, "dense_targets": True},
+    {"allocation": "uniform", "order": "front-to-back", "sequential": True, "dense_targets": True},
 ]
 
 
@@ -35,10 +41,16 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=None, help="explicit KEEP:SETTING pairs, e.g. 0.6:2 0.8:2")
     p.add_argument("--options", default="{}", help="MethodOptions overrides as JSON, e.g. '{\"cov_damping\": 0.01}'")
     p.add_argument("--merge", action="store_true", help="add to the existing results (replacing equal settings)")
+    p.add_argument("--add", nargs="+", default=None, help="merge rows a worker printed (JSON files) into the results")
     args = p.parse_args()
     if args.worker:
         method, keep, settings = args.worker
         print(json.dumps(compress_and_eval(method, float(keep), **json.loads(settings))))
+        return
+    if args.add:  # rows of workers run by hand (e.g. with settings outside SETTINGS)
+        rows = merge([json.loads(Path(f).read_text().strip().splitlines()[-1]) for f in args.add])
+        write_results("allocation", rows, render(rows))
+        print(render(rows))
         return
     pairs = [tuple(r.split(":")) for r in args.runs] if args.runs else \
         [(str(k), str(i)) for k in args.keeps for i in args.settings]
@@ -56,21 +68,31 @@ def main() -> None:
 
 
 def merge(rows: list[dict]) -> list[dict]:
-    key = lambda r: json.dumps({k: r.get(k) for k in ("method", "keep", "allocation", "order", "sequential",
-                                                       "within_block", "options")}, sort_keys=True)
+    key = lambda r: json.dumps({**{k: r.get(k) for k in ("method", "keep", "allocation", "order", "sequential",
+                                                          "within_block", "options")},
+                                "dense_targets": dense_targets(r), "resolve": bool(r.get("resolve"))}, sort_keys=True)
     old = json.loads((RESULTS / "allocation.json").read_text()) if (RESULTS / "allocation.json").exists() else []
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
     return list(merged.values())
 
 
+def dense_targets(row: dict) -> bool:
+    """Rows from before the option existed fitted each matrix to its own inputs."""
+    return bool(row.get("dense_targets", False)) and row["sequential"] and row["method"] in ("svd-llm", "gfwsvd")
+
+
 def render(rows: list[dict]) -> str:
-    lines = ["| method | keep | allocation | order | sequential | kept fraction | PPL | compress s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["| method | keep | allocation | order | sequential | fit target | re-solved per block | kept fraction | PPL | compress s | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda r: (-r["keep"], r["allocation"] != "knapsack", not r["sequential"], r["order"] != "front-to-back",
+                       bool(r.get("within_block")), dense_targets(r), bool(r.get("resolve")))
+    for r in sorted(rows, key=order):
         seq = ("within blocks too" if r.get("within_block") else "yes") if r["sequential"] else "no (one-shot)"
-        lines.append(f"| {r['method']} | {r['keep']} | {r['allocation']} | {r['order']} | {seq} | "
-                     f"{r['kept_fraction']:.4f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} |")
+        target = "dense outputs" if dense_targets(r) else "own inputs"
+        resolved = "yes" if r.get("resolve") else "no"
+        lines.append(f"| {r['method']} | {r['keep']} | {r['allocation']} | {r['order']} | {seq} | {target} | {resolved} | "
+                     f"{r['kept_fraction']:.4f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} | {r.get('measured', 'earlier')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -76,6 +76,7 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
     from vaclm.config import CompressConfig, MethodOptions
 
     options = settings.pop("options", {})
+    save = settings.pop("save", None)  # also write the compressed folder here (for heal / speed / zero-shot)
     model, tokenizer = vaclm.load("demo")
     row = {"method": method, "keep": keep, **settings, "options": options, "threads": torch.get_num_threads()}
     if method == "dense":
@@ -89,6 +90,9 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
         result = vaclm.compress(model, config, str(WIKI_VALID), tokenizer=tokenizer, progress=False, gradients=grads)
         row.update(kept_fraction=result.kept_fraction, compress_seconds=time.time() - start,
                    gradient_seconds_shared=grad_seconds)
+        if save:
+            vaclm.save(model, save, tokenizer, result=result, overwrite=True)
     row["ppl"] = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)["ppl"]
+    row["measured"] = time.strftime("%Y-%m-%d")  # machines differ from day to day: times compare within a day
     row["peak_rss_gb"] = peak_rss_bytes() / 1e9
     return row

@@ -110,3 +110,53 @@ def test_grouped_gradient_walk_equals_single_walk():
         torch.testing.assert_close(one[n].cov, many[n].cov)
         torch.testing.assert_close(one[n].fisher_rows, many[n].fisher_rows)
     assert one[names[0]].samples == 3 and one[names[0]].tokens == 48
+
+
+def paired_stats(seed=0, drift=0.3):
+    """Statistics of a layer whose inputs x drifted from the dense model's x_d."""
+    stats, x_dense = make_stats(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = x_dense + drift * x_dense.std() * torch.randn(x_dense.shape, generator=g)
+    inputs = InputStats(IN, paired=True)
+    for xs, ds in zip(x.split(50), x_dense.split(50)):
+        inputs.add_batch(xs, ds)
+    return LayerStats(inputs, stats.gradients), x, x_dense
+
+
+@pytest.mark.parametrize("name", ["svd-llm", "gfwsvd"])
+@pytest.mark.parametrize("rank", [3, 8, IN])
+def test_dense_targets_fit_the_dense_output_better_and_errors_are_exact(name, rank):
+    paired, x, x_dense = paired_stats()
+    own = LayerStats(make_stats()[0].inputs, paired.gradients)
+    own.inputs = InputStats(IN)
+    own.inputs.add_batch(x)  # the same drifted inputs, without the dense ones
+    w = torch.randn(OUT, IN, dtype=torch.float64)
+    method = build_method(name, MethodOptions(damping=0.0))
+    b = paired.gradients.mean_cov if name == "gfwsvd" else torch.eye(OUT, dtype=torch.float64)
+
+    def output_error(up, down):  # E (W x_d - W' x)^T B (W x_d - W' x)
+        diff = x_dense.double() @ w.T - x.double() @ (up @ down).T
+        return ((diff @ b) * diff).sum().item() / TOKENS
+
+    fit = method.factorize(w, paired, rank)
+    plain = method.factorize(w, own, rank)
+    assert output_error(*fit.at_rank(rank)) <= output_error(*plain.at_rank(rank)) * (1 + 1e-9)
+    # the reported error is the output error relative to keeping the dense W
+    keep_dense = output_error(w, torch.eye(IN, dtype=torch.float64))
+    assert fit.errors[rank].item() == pytest.approx(output_error(*fit.at_rank(rank)) - keep_dense, rel=1e-6, abs=1e-9)
+    if rank == IN:  # at full rank the regression beats the drifting dense weight
+        assert fit.errors[rank].item() < 0
+    assert torch.allclose(method.error_curve(w, paired), fit.errors, rtol=1e-6, atol=1e-9)
+
+
+def test_paired_stats_without_drift_equal_plain_ones():
+    stats, x = make_stats()
+    paired = InputStats(IN, paired=True)
+    paired.add_batch(x, x)
+    w = torch.randn(OUT, IN, dtype=torch.float64)
+    method = build_method("svd-llm", MethodOptions(damping=0.0))
+    a, b = method.factorize(w, LayerStats(paired), 5), method.factorize(w, stats, 5)
+    assert torch.allclose(a.at_rank(5)[0] @ a.at_rank(5)[1], b.at_rank(5)[0] @ b.at_rank(5)[1], atol=1e-8)
+    assert torch.allclose(a.errors, b.errors, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="dense model's inputs"):
+        paired.add_batch(x)

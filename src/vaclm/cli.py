@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", default=CompressConfig.allocation, choices=ALLOCATIONS)
     c.add_argument("--order", default=CompressConfig.order, choices=ORDERS)
     c.add_argument("--one-shot", action="store_true", help="statistics from the dense model (no sequential re-capture)")
+    c.add_argument("--dense-targets", action=argparse.BooleanOptionalAction, default=CompressConfig.dense_targets,
+                   help="sequential svd-llm/gfwsvd: fit each matrix to the dense model's outputs (corrects the drift "
+                        "of the compressed prefix) instead of its own dense weight's")
     c.add_argument("--within-block", action=argparse.BooleanOptionalAction, default=CompressConfig.within_block,
                    help="sequential inside each block too: later projections see the compressed earlier ones")
     c.add_argument("--resolve", action=argparse.BooleanOptionalAction, default=CompressConfig.resolve,
@@ -167,7 +170,7 @@ def cmd_compress(args) -> dict:
 
     config = CompressConfig(
         keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
-        sequential=not args.one_shot, within_block=args.within_block, resolve=args.resolve, int8=args.int8,
+        sequential=not args.one_shot, dense_targets=args.dense_targets, within_block=args.within_block, resolve=args.resolve, int8=args.int8,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, fisher_exponent=args.fisher_exponent,

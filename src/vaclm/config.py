@@ -91,6 +91,11 @@ class CompressConfig:
     rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
     order: str = "front-to-back"
     sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
+    # sequential runs of svd-llm / gfwsvd: fit each matrix W' x (x: the compressed prefix's input)
+    # to the dense model's output W x_d rather than to W x (linalg/whitening.py); costs one more
+    # forward of each block. Off: on the demo model it fits the calibration outputs better but
+    # raised the test PPL at keep 0.8 from 31.6 to 38.6 (README, bench/allocation.py)
+    dense_targets: bool = False
     # also sequential inside a block: attention projections first, then the MLP sees their output
     within_block: bool = False
     # knapsack + sequential: re-price each block's ranks from its real inputs and re-solve the

@@ -11,22 +11,45 @@ import torch
 
 
 class InputStats:
-    """Sum of x x^T (input Gram) and of |x| over tokens, for inputs of width `dim`."""
+    """Sum of x x^T (input Gram) and of |x| over tokens, for inputs of width `dim`.
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+    With `paired`, each batch also comes with the inputs x_d the *dense* model feeds the same
+    layer on the same tokens, and the cross Gram x_d x^T is kept too. It lets a method fit W' x
+    to the dense output W x_d instead of W x, so the compressed prefix's drift is corrected
+    rather than inherited (linalg/whitening.py, `right_whitened`).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", paired: bool = False):
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device) if paired else None
         self.tokens = 0
 
-    def add_batch(self, x: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.gram += (x.T @ x).to(self.gram)
         self.abs_sum += x.abs().sum(0).to(self.abs_sum)
+        if self.cross is not None:
+            if dense is None:
+                raise ValueError("paired input statistics need the dense model's inputs of every batch")
+            d = dense.detach().reshape(-1, dense.shape[-1]).float()
+            if d.shape != x.shape:
+                raise ValueError(f"dense inputs {tuple(d.shape)} do not pair with inputs {tuple(x.shape)}")
+            self.cross += (d.T @ x).to(self.cross)
         self.tokens += x.shape[0]
+
+    @property
+    def paired(self) -> bool:
+        return self.cross is not None
 
     @property
     def mean_gram(self) -> torch.Tensor:
         return self.gram / max(self.tokens, 1)
+
+    @property
+    def mean_cross(self) -> torch.Tensor:
+        """E[x_d x^T] (in x in): dense inputs times compressed-prefix inputs."""
+        return self.cross / max(self.tokens, 1)
 
     @property
     def mean_abs(self) -> torch.Tensor:

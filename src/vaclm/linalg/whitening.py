@@ -12,12 +12,45 @@ from dataclasses import dataclass
 
 import torch
 
+from .stats import InputStats
+
 
 @dataclass
 class SqrtFactor:
-    factor: torch.Tensor  # S, with S @ S.T = G_damped
-    inverse: torch.Tensor  # S^-1
+    """S with S @ S.T = G_damped: lower triangular (Cholesky) or V diag(sqrt(lambda)) (eigh).
+
+    Products with S^-1 go through triangular solves, which cost a fraction of forming S^-1 for the
+    1536-wide Grams of a 135M model (and 14336-wide ones of a 7B); `inverse` forms it on demand.
+    """
+
+    factor: torch.Tensor
     used_cholesky: bool
+    _inverse: torch.Tensor | None = None  # eigh: known at once; Cholesky: formed only if asked for
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        if self._inverse is None:
+            eye = torch.eye(self.factor.shape[0], dtype=self.factor.dtype, device=self.factor.device)
+            self._inverse = torch.linalg.solve_triangular(self.factor, eye, upper=False)
+        return self._inverse
+
+    def times_inverse(self, m: torch.Tensor) -> torch.Tensor:
+        """m @ S^-1."""
+        if self._inverse is not None:
+            return m @ self._inverse
+        return torch.linalg.solve_triangular(self.factor, m, upper=False, left=False)
+
+    def times_inverse_t(self, m: torch.Tensor) -> torch.Tensor:
+        """m @ S^-T."""
+        if self._inverse is not None:
+            return m @ self._inverse.T
+        return torch.linalg.solve_triangular(self.factor.T, m, upper=True, left=False)
+
+    def inverse_t_times(self, m: torch.Tensor) -> torch.Tensor:
+        """S^-T @ m."""
+        if self._inverse is not None:
+            return self._inverse.T @ m
+        return torch.linalg.solve_triangular(self.factor.T, m, upper=True)
 
 
 def damped(gram: torch.Tensor, relative_damping: float) -> torch.Tensor:
@@ -30,11 +63,38 @@ def sqrt_factor(gram: torch.Tensor, relative_damping: float) -> SqrtFactor:
     g = damped(gram, relative_damping)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
-        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
-        if torch.isfinite(inverse).all():
-            return SqrtFactor(chol, inverse, True)
+        # invertible, and S^-1 stays finite, unless a diagonal entry is below the square root of
+        # the smallest float64 (then eigh's clamped eigenvalues are the safer factor)
+        if torch.isfinite(chol).all() and bool(chol.diagonal().min() > 1e-150):
+            return SqrtFactor(chol, True)
     values, vectors = torch.linalg.eigh(g)
     floor = max(relative_damping, 1e-10) * values.abs().max().clamp_min(1e-12)
     root = values.clamp_min(floor).sqrt()
-    return SqrtFactor(vectors * root, vectors.T / root[:, None], False)
+    return SqrtFactor(vectors * root, False, vectors.T / root[:, None])
+
+
+def right_whitened(p: torch.Tensor, inputs: InputStats, root: SqrtFactor) -> torch.Tensor:
+    """The matrix M whose rank-r truncation M_r gives the best rank-r W' = M_r S^-1 (root: S S^T = A).
+
+    Plain statistics: M = P S, and W' minimises E||P (W - W') x||^2 (svd-llm's whitening; P is a
+    left weighting applied to W already, or W itself). Paired statistics (inputs x of the
+    compressed prefix, x_d of the dense model, K = E[x_d x^T]): M = P K S^-T, and W' minimises
+    E||P W x_d - P W' x||^2, the layer's output error against the dense model: with A = S S^T,
+    that objective is ||W'' S - P K S^-T||^2 plus a constant, for W'' = P W'.
+    """
+    if inputs.paired:
+        return root.times_inverse_t(p @ inputs.mean_cross.to(p))
+    return p @ root.factor
+
+
+def dense_target_offset(p: torch.Tensor, inputs: InputStats, root: SqrtFactor, matrix: torch.Tensor) -> float:
+    """What to add to ||M - M_r||^2 so that it measures the error of W'_r *minus* the error of
+    keeping W (per token, paired statistics): E||P(W x_d - W'_r x)||^2 - E||P W (x_d - x)||^2.
+
+    Expanding both, E[x_d x_d^T] cancels: offset = 2 <P K, P> - ||P S||^2 - ||M||^2. It is 0 for
+    plain statistics; a negative error means the factorisation beats the drifting dense W.
+    """
+    if not inputs.paired:
+        return 0.0
+    k = inputs.mean_cross.to(p)
+    return float(2 * ((p @ k) * p).sum() - (p @ root.factor).square().sum() - matrix.square().sum())

@@ -36,6 +36,7 @@ class Weighting:
     unweight_left: Callable[[torch.Tensor], torch.Tensor]  # out x k -> `up`
     unweight_right: Callable[[torch.Tensor], torch.Tensor]  # k x in -> `down`
     metric: str
+    offset: float = 0.0  # added to every truncation error (dense targets: relative to keeping W)
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Method(ABC):
     needs_inputs: bool = False  # input Gram / mean |x|
     needs_cov: bool = False  # output-gradient covariance B
     needs_fisher: bool = False  # diagonal-Fisher row/column sums
+    # whitens by the input Gram, so paired statistics let it fit the dense model's outputs
+    # (linalg/whitening.py, right_whitened); the sequential pipeline then collects them
+    fits_dense_targets: bool = False
 
     def __init__(self, options: MethodOptions):
         self.options = options
@@ -75,11 +79,12 @@ class Method(ABC):
         self._require(stats)
         w = self.weighting(weight.double(), stats)
         t = truncated_svd(w.matrix, max_rank)
-        return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors, w.metric)
+        return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors + w.offset, w.metric)
 
     def error_curve(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         self._require(stats)
-        return error_curve(self.weighting(weight.double(), stats).matrix)
+        w = self.weighting(weight.double(), stats)
+        return error_curve(w.matrix) + w.offset
 
     def loss_scale(self, weight: torch.Tensor, stats: LayerStats) -> float:
         """Multiplier turning this method's error into an estimated loss increase.

@@ -4,10 +4,11 @@ A = E[x x^T] (layer inputs), B = E[g g^T] (gradients of the loss at the layer ou
 A = Sa Sa^T and B = Sb Sb^T, the SVD of Sb^T W Sa truncated at r minimises
 ||Sb^T (W - W') Sa||_F^2 = vec(dW)^T (A (x) B) vec(dW), the Kronecker-Fisher quadratic form that
 estimates the loss increase of the truncation (loss_scale 1): that is why its errors price ranks
-across matrices directly. With B = I it is exactly svd-llm.
+across matrices directly. With B = I it is exactly svd-llm. With paired statistics (sequential
+runs) the input side fits the dense model's output W x_d (linalg/whitening.py, right_whitened).
 """
 
-from ..linalg.whitening import sqrt_factor
+from ..linalg.whitening import dense_target_offset, right_whitened, sqrt_factor
 from .base import Method, Weighting, register
 
 
@@ -15,14 +16,17 @@ from .base import Method, Weighting, register
 class KroneckerFisherSVD(Method):
     needs_inputs = True
     needs_cov = True
+    fits_dense_targets = True
 
     def weighting(self, weight, stats):
         options = self.options
         cov_damping = options.damping if options.cov_damping is None else options.cov_damping
         a = sqrt_factor(stats.inputs.mean_gram.to(weight.device), options.damping)
         b = sqrt_factor(stats.gradients.mean_cov.to(weight.device), cov_damping)
-        return Weighting(b.factor.T @ weight @ a.factor, lambda left: b.inverse.T @ left,
-                         lambda right: right @ a.inverse, metric="vec(dW)^T (A x B) vec(dW)")
+        left_weighted = b.factor.T @ weight
+        matrix = right_whitened(left_weighted, stats.inputs, a)
+        return Weighting(matrix, b.inverse_t_times, a.times_inverse,
+                         metric="vec(dW)^T (A x B) vec(dW)", offset=dense_target_offset(left_weighted, stats.inputs, a, matrix))
 
     def loss_scale(self, weight, stats):
         return 1.0

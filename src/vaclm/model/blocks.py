@@ -65,6 +65,39 @@ def _recording_blocks(blocks: nn.ModuleList, on_call):
             block.__dict__.pop("forward", None)
 
 
+class InputCache:
+    """Cached inputs of blocks for one stream of hidden states (the model's, or the dense model's).
+
+    `inputs_for(i)` walks forward from the nearest cached block at or before i and caches what it
+    passes; `prune` keeps, for each block still to process, only the nearest entry before it.
+    """
+
+    def __init__(self, first: list[torch.Tensor]):
+        self.inputs: dict[int, list[torch.Tensor]] = {0: first}
+        # blocks this stream must not be walked through (the dense stream: blocks already edited)
+        self.frozen: set[int] = set()
+
+    def inputs_for(self, i: int, run_block) -> list[torch.Tensor]:
+        start = max(k for k in self.inputs if k <= i)
+        for k in range(start, i):
+            if k in self.frozen:
+                raise RuntimeError(f"inputs of block {i} would need block {k}, which was edited since")
+            self.inputs[k + 1] = run_block(k, self.inputs[k])
+        return self.inputs[i]
+
+    def record(self, i: int, inputs: list[torch.Tensor]) -> None:
+        self.inputs[i] = inputs
+
+    def drop_after(self, i: int) -> None:
+        for k in [k for k in self.inputs if k > i]:
+            del self.inputs[k]
+
+    def prune(self, pending: set[int]) -> None:
+        needed = {max(k for k in self.inputs if k <= j) for j in pending}
+        for k in [k for k in self.inputs if k not in needed]:
+            del self.inputs[k]
+
+
 class BlockRunner:
     """Cached inputs of each block; `inputs_for(i)` recomputes only what an edit invalidated."""
 
@@ -75,8 +108,11 @@ class BlockRunner:
         self.offload = self.device.type != "cpu"
         self.storage = torch.device("cpu")
         self.block_args = self._record_block_args(calib[:1])
-        self.inputs: dict[int, list[torch.Tensor]] = {0: self._catch_first_inputs(calib.split(batch_size))}
+        self.cache = InputCache(self._catch_first_inputs(calib.split(batch_size)))
 
+    @property
+    def inputs(self) -> dict[int, list[torch.Tensor]]:
+        return self.cache.inputs
     @torch.no_grad()
     def _record_block_args(self, sample: torch.Tensor) -> list[tuple[tuple, dict]]:
         recorded: dict[int, tuple[tuple, dict]] = {}
@@ -107,9 +143,10 @@ class BlockRunner:
         return self.model.get_input_embeddings().weight.device
 
     @contextlib.contextmanager
-    def on_device(self, i: int):
-        """Block i on the compute device for the duration; back to the CPU after when offloading."""
-        block = self.blocks[i]
+    def on_device(self, i: int, block: nn.Module | None = None):
+        """Block i (or `block`, a stand-in for it) on the compute device for the duration; back
+        to the CPU after when offloading."""
+        block = self.blocks[i] if block is None else block
         if self.offload:
             block.to(self.device)
         try:
@@ -117,6 +154,12 @@ class BlockRunner:
         finally:
             if self.offload:
                 block.to(self.storage)
+
+    def _forward(self, block: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Tensor | None:
+        try:
+            return _output(block(x.to(self.device), *args, **kwargs)).to(self.storage)
+        except StopBlock:
+            return None
 
     @torch.no_grad()
     def run_block(self, i: int, batches: list[torch.Tensor], before_batch=None) -> list[torch.Tensor]:
@@ -126,26 +169,35 @@ class BlockRunner:
             for x in batches:
                 if before_batch is not None:
                     before_batch()
-                try:
-                    outputs.append(_output(block(x.to(self.device), *args, **kwargs)).to(self.storage))
-                except StopBlock:
-                    pass
+                out = self._forward(block, x, args, kwargs)
+                if out is not None:
+                    outputs.append(out)
         return outputs
 
+    @torch.no_grad()
+    def run_pair(self, i: int, dense_block: nn.Module, dense_batches: list[torch.Tensor], batches: list[torch.Tensor],
+                 before_batch=None) -> list[torch.Tensor]:
+        """Batch by batch, `dense_block` (an unedited copy of block i) on the dense model's inputs,
+        then block i on the model's own: hooks see both inputs of one batch back to back.
+        Returns the dense block's outputs (the dense model's inputs of block i + 1)."""
+        args, kwargs = move(self.block_args[i], self.device)
+        dense_outputs = []
+        with self.on_device(i) as block, self.on_device(i, dense_block) as dense:
+            for xd, x in zip(dense_batches, batches, strict=True):
+                if before_batch is not None:
+                    before_batch()
+                dense_outputs.append(self._forward(dense, xd, args, kwargs))
+                self._forward(block, x, args, kwargs)
+        return dense_outputs
+
     def inputs_for(self, i: int) -> list[torch.Tensor]:
-        start = max(k for k in self.inputs if k <= i)
-        for k in range(start, i):
-            self.inputs[k + 1] = self.run_block(k, self.inputs[k])
-        return self.inputs[i]
+        return self.cache.inputs_for(i, self.run_block)
 
     def block_changed(self, i: int, pending: set[int]) -> None:
         """Block i was edited: drop the inputs it produced, then what no pending block can use."""
-        for k in [k for k in self.inputs if k > i]:
-            del self.inputs[k]
+        self.cache.drop_after(i)
         self.prune(pending)
 
     def prune(self, pending: set[int]) -> None:
         """Keep, for each block still to process, only the nearest cached inputs at or before it."""
-        needed = {max(k for k in self.inputs if k <= j) for j in pending}
-        for k in [k for k in self.inputs if k not in needed]:
-            del self.inputs[k]
+        self.cache.prune(pending)

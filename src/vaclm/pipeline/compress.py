@@ -6,12 +6,15 @@
 3. For each block in the configured order: run the calibration inputs that the already
    compressed prefix produces through it while hooks accumulate input statistics, (knapsack with
    `resolve`) price the block's ranks again from those statistics and re-solve the knapsack for
-   the budget left, factorise every target, swap in LowRankLinear. With `sequential=False` all statistics come from the dense model
-   (the classic one-shot baseline).
+   the budget left, factorise every target, swap in LowRankLinear. With `dense_targets` an
+   unedited copy of the block runs beside it on the dense model's inputs, and whitening methods
+   fit the dense outputs from the real inputs. With `sequential=False` all statistics come from
+   the dense model (the classic one-shot baseline).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -26,12 +29,12 @@ from ..errors import VaclmError
 from ..io.checkpoint import Checkpoint
 from ..methods import LayerStats, build_method
 from ..model.arch import get_submodule
-from ..model.blocks import BlockRunner
+from ..model.blocks import BlockRunner, InputCache
 from ..model.surgery import Targets, dense_weight, replace_with_lowrank
 from ..allocate.candidates import Candidates, candidates
 from .allocation import KnapsackPlan, cost_model, keep_for_target_bytes, knapsack_ranks, priced
 from .order import block_order
-from .statistics import gradient_stats, input_stats
+from .statistics import gradient_stats, input_stats, paired_input_stats
 
 
 @dataclass
@@ -113,6 +116,8 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     done = checkpoint.completed if checkpoint else set()
     if checkpoint:
         result.errors.update(checkpoint.state["errors"])
+    # dense targets: the dense model's inputs of every block, walked through blocks not yet edited
+    dense = InputCache(runner.inputs[0]) if uses_dense_targets(config, method) else None
     deferred = []  # one-shot mode: (block, stats) factorised after the dense walk
     for i in tqdm(order, desc=f"compress ({config.method})", disable=not progress, unit="block"):
         # with a re-solved plan a matrix planned dense may still be factorised, and vice versa
@@ -121,6 +126,11 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
         if not todo:
             continue
         if config.sequential and i in done:
+            if dense is not None and any(j > i for j in pending):  # block i's dense outputs, before it is edited
+                dense.record(i + 1, runner.run_block(i, dense.inputs_for(i, runner.run_block)))
+            if dense is not None:
+                dense.frozen.add(i)
+                dense.prune(pending)
             factors = checkpoint.load_block(i)
             _apply(model, factors)
             if plan is not None:
@@ -131,12 +141,23 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
             continue
         if config.sequential:
             made, errors = {}, {}
+            dense_block = copy.deepcopy(runner.blocks[i]) if dense is not None else None
+            dense_outputs = None
             for stage in _stages(targets, i, todo, config.within_block):
                 inputs = {}
-                if method.needs_inputs:
-                    inputs = input_stats(runner, i, runner.inputs_for(i), {n: get_submodule(model, n) for n in stage},
-                                         stop_early=config.within_block)
+                modules = {n: get_submodule(model, n) for n in stage}
+                if dense is not None:
+                    inputs, dense_outputs = paired_input_stats(
+                        runner, i, dense_block, dense.inputs_for(i, runner.run_block), runner.inputs_for(i), modules,
+                        prefix=f"{targets.spec.blocks}.{i}.", stop_early=config.within_block)
+                elif method.needs_inputs:
+                    inputs = input_stats(runner, i, runner.inputs_for(i), modules, stop_early=config.within_block)
                 _factorise(model, method, stage, inputs, grads, result, device, made, errors, plan, config.rank_align)
+            if dense is not None:
+                if any(j > i for j in pending):
+                    dense.record(i + 1, dense_outputs)
+                dense.frozen.add(i)
+                dense.prune(pending)
             if checkpoint:
                 checkpoint.save_block(i, made, errors)
             runner.block_changed(i, pending)
@@ -158,6 +179,11 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
         result.allocation = plan.table()
     result.seconds = time.time() - start
     return result
+
+
+def uses_dense_targets(config: CompressConfig, method) -> bool:
+    """Sequential runs of a Gram-whitening method fit each matrix to the dense model's outputs."""
+    return config.sequential and config.dense_targets and method.fits_dense_targets
 
 
 def _candidates_to_json(options: dict[str, Candidates]) -> dict:
