@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -29,12 +28,13 @@ from ..errors import VaclmError
 from ..io.checkpoint import Checkpoint
 from ..methods import LayerStats, build_method
 from ..model.arch import get_submodule
-from ..model.blocks import BlockRunner, InputCache
+from ..model.blocks import BlockRunner
 from ..model.surgery import Targets, dense_weight, replace_with_lowrank
 from ..allocate.candidates import Candidates, candidates
 from .allocation import KnapsackPlan, cost_model, keep_for_target_bytes, knapsack_ranks, priced
 from .order import block_order
-from .statistics import gradient_stats, input_stats, paired_input_stats
+from .dense_stream import DenseStream
+from .statistics import gradient_stats, input_stats
 
 
 @dataclass
@@ -116,8 +116,7 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     done = checkpoint.completed if checkpoint else set()
     if checkpoint:
         result.errors.update(checkpoint.state["errors"])
-    # dense targets: the dense model's inputs of every block, walked through blocks not yet edited
-    dense = InputCache(runner.inputs[0]) if uses_dense_targets(config, method) else None
+    dense = DenseStream(runner) if uses_dense_targets(config, method) else None  # --dense-targets
     deferred = []  # one-shot mode: (block, stats) factorised after the dense walk
     for i in tqdm(order, desc=f"compress ({config.method})", disable=not progress, unit="block"):
         # with a re-solved plan a matrix planned dense may still be factorised, and vice versa
@@ -126,11 +125,8 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
         if not todo:
             continue
         if config.sequential and i in done:
-            if dense is not None and any(j > i for j in pending):  # block i's dense outputs, before it is edited
-                dense.record(i + 1, runner.run_block(i, dense.inputs_for(i, runner.run_block)))
             if dense is not None:
-                dense.frozen.add(i)
-                dense.prune(pending)
+                dense.end_block(i, pending)  # before the saved factors edit it
             factors = checkpoint.load_block(i)
             _apply(model, factors)
             if plan is not None:
@@ -141,23 +137,18 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
             continue
         if config.sequential:
             made, errors = {}, {}
-            dense_block = copy.deepcopy(runner.blocks[i]) if dense is not None else None
-            dense_outputs = None
+            if dense is not None:
+                dense.begin_block(i)
             for stage in _stages(targets, i, todo, config.within_block):
                 inputs = {}
                 modules = {n: get_submodule(model, n) for n in stage}
                 if dense is not None:
-                    inputs, dense_outputs = paired_input_stats(
-                        runner, i, dense_block, dense.inputs_for(i, runner.run_block), runner.inputs_for(i), modules,
-                        prefix=f"{targets.spec.blocks}.{i}.", stop_early=config.within_block)
+                    inputs = dense.paired_stats(i, modules, f"{targets.spec.blocks}.{i}.", config.within_block)
                 elif method.needs_inputs:
                     inputs = input_stats(runner, i, runner.inputs_for(i), modules, stop_early=config.within_block)
                 _factorise(model, method, stage, inputs, grads, result, device, made, errors, plan, config.rank_align)
             if dense is not None:
-                if any(j > i for j in pending):
-                    dense.record(i + 1, dense_outputs)
-                dense.frozen.add(i)
-                dense.prune(pending)
+                dense.end_block(i, pending)
             if checkpoint:
                 checkpoint.save_block(i, made, errors)
             runner.block_changed(i, pending)
