@@ -19,7 +19,6 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
