@@ -36,6 +36,17 @@ def write_results(name: str, rows: list[dict], markdown: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown)
 
 
+def merge_rows(name: str, new: list[dict], key) -> list[dict]:
+    """The rows of bench/results/NAME.json with those equal to a new row under `key` replaced by it."""
+    path = RESULTS / f"{name}.json"
+    keys = {key(r) for r in new}
+    return [r for r in (json.loads(path.read_text()) if path.exists() else []) if key(r) not in keys] + new
+
+
+def settings_label(settings: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
 CACHE = REPO / "bench" / ".cache"
 
 

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, WIKI_TEST, WIKI_VALID, peak_rss_bytes, write_results
+from common import RESULTS, WIKI_TEST, WIKI_VALID, merge_rows, peak_rss_bytes, settings_label, write_results
 
 
 def run(folder: str, tokens: int, teacher: str, calib: str, windows: int, settings: dict, save: str | None,
@@ -46,8 +46,13 @@ def run(folder: str, tokens: int, teacher: str, calib: str, windows: int, settin
             "peak_rss_gb": peak_rss_bytes() / 1e9}
 
 
+def row_key(row: dict) -> tuple:
+    """Rows of one folder, token count and settings replace each other (heal and heal_pilot)."""
+    return Path(row["folder"]).name, row["tokens"], json.dumps(row["settings"], sort_keys=True)
+
+
 def label(row: dict) -> str:
-    extra = " ".join(f"{k}={v}" for k, v in sorted(row["settings"].items()))
+    extra = settings_label(row["settings"])
     return f"{Path(row['folder']).name} {row['tokens'] // 1000}k" + (f" {extra}" if extra else "")
 
 
@@ -91,13 +96,11 @@ def main() -> None:
               not args.quiet)
     print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "val")}), flush=True)
 
-    path = RESULTS / f"{args.name}.json"
-    key = lambda r: (Path(r["folder"]).name, r["tokens"], json.dumps(r["settings"], sort_keys=True))
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if key(r) != key(row)] + [row]
+    rows = merge_rows(args.name, [row], row_key)
     lines = ["| model | tokens | settings | PPL before | PPL after | heal min | tokens/s | steps (best) | threads |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        settings = " ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "defaults"
+        settings = settings_label(r["settings"]) or "defaults"
         steps = f"{r['steps']}/{r['total_steps']} ({r['best_step']})" + (" early stop" if r["stopped_early"] else "")
         lines.append(f"| {Path(r['folder']).name} | {r['tokens']} | {settings} | {r['ppl_before']:.2f} | "
                      f"{r['ppl_after']:.2f} | {r['heal_seconds'] / 60:.1f} | {r['tokens_per_second']:.1f} | {steps} | "

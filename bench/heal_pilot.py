@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, WIKI_VALID, write_results
+from common import WIKI_VALID, merge_rows, settings_label, write_results
+from heal import row_key
 
 BASE = {"val_tokens": 4096}
 
@@ -42,7 +43,7 @@ def render(rows: list[dict]) -> str:
     lines = ["| model | tokens | settings | steps | val KL start | val KL end | val PPL end | tokens/s | threads |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        settings = " ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "defaults"
+        settings = settings_label(r["settings"]) or "defaults"
         lines.append(f"| {Path(r['folder']).name} | {r['tokens']} | {settings} | {r['steps']} | {r['kl_start']:.3f} | "
                      f"{r['kl_end']:.3f} | {r['val_ppl_end']:.2f} | {r['tokens_per_second']:.1f} | {r['threads']} |")
     return "\n".join(lines) + "\n"
@@ -68,10 +69,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         new = [run(args.folder, args.tokens, json.loads(args.settings))]
         print(json.dumps(new[0]), flush=True)
-    path = RESULTS / "heal_pilots.json"
-    key = lambda r: (Path(r["folder"]).name, r["tokens"], json.dumps(r["settings"], sort_keys=True))
-    keys = {key(r) for r in new}
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if key(r) not in keys] + new
+    rows = merge_rows("heal_pilots", new, row_key)
     write_results("heal_pilots", rows, render(rows))
     print(render(rows))
 
