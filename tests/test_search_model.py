@@ -96,6 +96,10 @@ def test_fitness_windows_are_disjoint_from_calibration_by_position():
     assert not starts(calib) & starts(fit)
     with pytest.raises(VaclmError, match="too few for 10000 fitness tokens"):
         fitness_split(stream, 10, 50, seed=2, tokens=10_000)
+    _, more = fitness_split(stream, 10, 50, seed=2, tokens=1000, extra_tokens=1000)  # + held-out selection windows
+    assert more.shape == (40, 50) and torch.equal(more[:20], fit)
+    _, rest = fitness_split(stream, 10, 50, seed=2, tokens=1000, extra_tokens=10**6)  # extra: only what there is
+    assert rest.shape == (90, 50) and not starts(calib) & starts(rest)
 
 
 def test_overlapping_data_roles_are_refused():
@@ -123,7 +127,7 @@ def test_evolve_end_to_end_saves_search_history(tmp_path):
 
     model = tiny_model("llama", num_hidden_layers=4)
     config = evolve_config(generations=3)
-    result = vaclm.compress(model, config, token_batch(8, 32, seed=1), fitness=token_batch(8, 32, seed=2),
+    result = vaclm.compress(model, config, token_batch(8, 32, seed=1), fitness=token_batch(16, 32, seed=2),
                             progress=False)
     search = result.search
     fitness = [h["fitness"] for h in search["history"]]
@@ -133,7 +137,13 @@ def test_evolve_end_to_end_saves_search_history(tmp_path):
     total = sum(o * i for o, i in result.shapes.values())
     assert 0.5 - step / total < result.kept_fraction <= 0.5
     assert abs(result.kept_fraction - search["start_kept_fraction"]) < step / total
-    assert search["chosen"] in search["materialised"]
+    # the search scores 8 windows, the other 8 choose the result; the knapsack start is a contender
+    assert search["fitness_windows"] == [8, 32] and search["selection_windows"] == [8, 32]
+    scores = search["materialised"]
+    assert {"one-shot", "front-to-back", "knapsack start"} <= set(scores)
+    assert scores[search["chosen"]] == min(scores.values())
+    if search["chosen"] == "knapsack start":
+        assert all(a["rank"] == a["knapsack_rank"] for a in result.allocation.values())
     vaclm.save(model, tmp_path / "out", result=result)
     saved = json.loads((tmp_path / "out" / "search.json").read_text())
     assert saved["history"] == json.loads(json.dumps(search["history"]))
@@ -247,6 +257,7 @@ def test_cli_evolve_end_to_end_and_evaluation_text_refused(tmp_path, capsys):
     assert main([*common, "--eval", str(tmp_path / "test.txt"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "search: 2 generations, fitness KL" in out
+    assert "chosen on held-out windows:" in out and "knapsack start" in out
     history = json.loads((tmp_path / "out" / "search.json").read_text())["history"]
     assert len(history) == 3 and history[-1]["fitness"] <= history[0]["fitness"]
     assert not (tmp_path / "out.partial").exists()

@@ -62,14 +62,15 @@ def data_roles(calib, fitness, eval_text, tokenizer, config: CompressConfig) -> 
         raise VaclmError("with calibration token ids, pass fitness token ids too (held out from calibration)")
     if split_fitness:  # held-out windows of the same tiling: disjoint by position
         stream = _stream(calib, tokenizer, "calibration")
-        ids, fit = fitness_split(stream, config.calib_samples, config.calib_seq_len, config.seed, fitness_tokens)
+        ids, fit = fitness_split(stream, config.calib_samples, config.calib_seq_len, config.seed, fitness_tokens,
+                                 extra_tokens=fitness_tokens)  # as many again, held out to pick the result
     else:
         ids, fit = calibration_ids(calib, tokenizer, config), None
     if fitness is not None:
         fit = fitness.long() if isinstance(fitness, torch.Tensor) else _stream(fitness, tokenizer, "calibration")
         if fit.dim() == 1:
             seq = config.calib_seq_len
-            n = min(fit.numel() // seq, -(-fitness_tokens // seq))
+            n = min(fit.numel() // seq, 2 * -(-fitness_tokens // seq))  # search + held-out selection
             fit = fit[: n * seq].view(n, seq)
         check_disjoint({"calibration": ids, "fitness": fit})
     if eval_text is not None:

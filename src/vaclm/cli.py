@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-mode", default=MethodOptions.fisher_mode, choices=("rows", "rows+cols"))
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
     c.add_argument("--fitness", default=None,
-                   help="evolve: text candidates are scored on (default: windows of --calib not drawn for calibration)")
+                   help="evolve: text candidates are scored on, and as many tokens again held out to choose the result "
+                        "(default: windows of --calib not drawn for calibration)")
     c.add_argument("--eval", default=None, dest="eval_text",
                    help="the text results will be reported on: refused if calibration or fitness data overlaps it")
     s = c.add_argument_group("evolutionary search (--allocation evolve)")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness-tokens", type=_int_list, default=SearchOptions.fitness_tokens,
                    help="tokens each selection stage scores, e.g. 2048,8192")
     s.add_argument("--search-exponent", action="store_true", help="also search the Fisher exponent (fwsvd)")
-    s.add_argument("--search-order", action="store_true", help="materialise the winner in every block order, keep the best")
+    s.add_argument("--search-order", action="store_true", help="materialise the winner in every block order too; the held-out fitness windows choose")
     s.add_argument("--workers", default=None, help="score offspring on Ray: N local workers, or ray://host:port")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -198,9 +199,12 @@ def cmd_compress(args) -> dict:
           + (", factors stored as int8" if config.int8 else ""))
     if getattr(result, "search", None):
         s = result.search
-        summary.update(fitness_start=s["start_fitness"], fitness_final=s["final_fitness"], generations=s["generations"])
+        summary.update(fitness_start=s["start_fitness"], fitness_final=s["final_fitness"], generations=s["generations"],
+                       chosen=s["chosen"], selection_kl=s["materialised"])
+        held_out = ", ".join(f"{k} {v:.5f}" for k, v in s["materialised"].items())
         print(f"search: {s['generations']} generations, fitness KL {s['start_fitness']:.5f} -> {s['final_fitness']:.5f}; "
-              f"kept {s['start_kept_fraction']:.4f} (knapsack) -> {s['kept_fraction']:.4f}; materialised {s['chosen']}")
+              f"kept {s['start_kept_fraction']:.4f} (knapsack) -> {s['kept_fraction']:.4f}; "
+              f"chosen on held-out windows: {s['chosen']} ({held_out})")
     return summary
 
 

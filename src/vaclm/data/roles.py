@@ -22,9 +22,11 @@ NGRAM = 32
 MAX_SHARED = 0.01
 
 
-def fitness_split(ids: torch.Tensor, samples: int, seq_len: int, seed: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fitness_split(ids: torch.Tensor, samples: int, seq_len: int, seed: int, tokens: int,
+                  extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration windows, fitness windows) of one token stream: at least `tokens` fitness tokens
-    in whole windows of `seq_len`, none of them a calibration window."""
+    in whole windows of `seq_len`, none of them a calibration window, then up to `extra_tokens`
+    more where the text has them (the search's held-out selection windows)."""
     calib, rest = calibration_windows(ids, samples, seq_len, seed)
     needed = math.ceil(tokens / seq_len)
     if rest.shape[0] < needed:
@@ -32,7 +34,7 @@ def fitness_split(ids: torch.Tensor, samples: int, seq_len: int, seed: int, toke
             f"the calibration text leaves {rest.shape[0]} windows of {seq_len} tokens beside the calibration samples, "
             f"too few for {tokens} fitness tokens; give more text, a separate --fitness text, or fewer --fitness-tokens"
         )
-    return calib, rest[:needed].clone()
+    return calib, rest[: needed + math.ceil(extra_tokens / seq_len)].clone()
 
 
 def _hashes(ids: torch.Tensor, n: int) -> np.ndarray:
