@@ -10,9 +10,9 @@ calibration or fitness data would be refused. The knapsack start is materialised
 run would be (sequential, front-to-back); both models are scored on the first 16 x 1024 windows of
 wiki.test.raw. The result is chosen among the winner (one-shot, sequential) and the knapsack start
 by KL on held-out fitness windows the search never scored (rows before that change were chosen on
-the search's own windows: "selection" says which). `--time-limit` bounds the generations only: the knapsack walk, the factor bank, the
-dense logits and the materialisation come on top. Writes bench/results/evolve.{json,md} and the
-search curve evolve_keep<K>.png.
+the search's own windows: "selection" says which). `--time-limit` bounds the generations only: the
+knapsack walk, the factor bank, the dense logits and the materialisation come on top. Writes
+bench/results/evolve.{json,md} and the search curve evolve_keep<K>_t<last-stage tokens>.png.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
     row = run_worker(__file__, [a for a in sys.argv[1:] if a != "--merge"] + ["--quiet"])
     key = lambda r: (r["keep"], tuple(r["fitness_tokens"]), r.get("selection"))
     rows = merge_rows("evolve", [row], key) if args.merge else [row]  # replacing the same keep and settings
-    rows.sort(key=lambda r: -r["keep"])
+    rows.sort(key=lambda r: (-r["keep"], r["fitness_tokens"][-1]))
     write_results("evolve", rows, render(rows))
     print(render(rows))
 

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 KILL_AT_BLOCKS=${KILL_AT_BLOCKS:-10}
 WORK=$(mktemp -d)
 CALIB=../shared/data/wikitext-2-raw/wiki.valid.raw
-run() { .venv/bin/vaclm compress demo --calib "$CALIB" --quiet "$@"; }
+COMPRESS=(.venv/bin/vaclm compress demo --calib "$CALIB" --quiet)
+run() { "${COMPRESS[@]}" "$@"; }
 completed() { python3 -c "import json,os,sys;p=sys.argv[1];print(len(json.load(open(p))['completed']) if os.path.exists(p) else 0)" "$WORK/out.partial/state.json" 2>/dev/null || echo 0; }
 REF=${REF:-}
 if [ -z "$REF" ]; then
@@ -19,7 +20,7 @@ if [ -z "$REF" ]; then
 fi
 start=$(date +%s)
 # exec: $! is the compressing process itself, not a shell around it that SIGKILL would leave orphaned
-( exec .venv/bin/vaclm compress demo --calib "$CALIB" --quiet --out "$WORK/out" "$@" ) & pid=$!
+( exec "${COMPRESS[@]}" --out "$WORK/out" "$@" ) & pid=$!
 if [ -n "${KILL_AFTER:-}" ]; then sleep "$KILL_AFTER"
 else while kill -0 "$pid" 2>/dev/null && [ "$(completed)" -lt "$KILL_AT_BLOCKS" ]; do sleep 1; done; fi
 kill -9 "$pid" 2>/dev/null || { echo "the run ended before the kill: nothing to check"; exit 1; }

@@ -131,19 +131,19 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
     if exponents and evo.parent.genes[0] != base:
         bank = bank_from_weights(targets.modules, build_method(final.method, final.options), grads, spec.top,
                                  device, progress)
-    contenders = [("one-shot", ranks, final, bank)]
+    contenders = [("one-shot", ranks, replace(final, sequential=False), bank)]
     if final.sequential:
         contenders += [(order, ranks, replace(final, order=order), None)
                        for order in (ORDERS if search.search_order else (final.order,))]
-    start = ("knapsack start", start_ranks, config, None if config.sequential else start_bank)
-    contenders.append(start)
-    chosen, scores, errors = _materialise(model, contenders, calib, selection, search.kl_top_k, grads, device, progress)
+    contenders.append(("knapsack start", start_ranks, config, None if config.sequential else start_bank))
+    selection_reference = reference if selection is windows else Reference.compute(model.to(device), selection,
+                                                                                 search.kl_top_k, progress=False)
+    model.to("cpu")
+    chosen, scores, errors = _materialise(model, contenders, calib, selection, selection_reference, grads, device,
+                                          progress)
+    _, ranks, final, _ = next(c for c in contenders if c[0] == chosen)
     if chosen == "knapsack start":
-        ranks, final = dict(start_ranks), config
         exponent = config.options.fisher_exponent if exponents else None
-    else:
-        final = next(c for label, _, c, _ in contenders if label == chosen)
-        final = replace(final, sequential=chosen != "one-shot")
     start_kept = kept_fraction(shapes, start_ranks)
     result = EvolveResult(config=final, ranks=dict(ranks), shapes=shapes, errors=errors,
                           allocation={n: {"rank": ranks[n], "cost": lowrank_cost(shapes[n], ranks[n]),
@@ -161,19 +161,17 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
     return result
 
 
-def _materialise(model, contenders, calib, selection, top_k, grads, device, progress):
+def _materialise(model, contenders, calib, selection, reference, grads, device, progress):
     """Build every contender (label, ranks, config, bank or None for a sequential run) on a copy of
     `model`, score it by KL on the held-out `selection` windows, and compress `model` in place as
     the best one. Returns (chosen label, {label: KL}, truncation errors of the chosen run)."""
-    reference = Reference.compute(model.to(device), selection, top_k, progress=False)
-    model.to("cpu")
     scores, best, best_model, best_errors, built = {}, None, None, {}, []
     for label, ranks, config, bank in contenders:
-        same = next((l for l, r, c, b in built if r == ranks and c == config and (b is None) == (bank is None)), None)
+        same = next((l for l, r, c in built if r == ranks and c == config), None)
         if same is not None:  # e.g. the start, when the search never moved: nothing new to build
             scores[label] = scores[same]
             continue
-        built.append((label, ranks, config, bank))
+        built.append((label, ranks, config))
         candidate = copy.deepcopy(model)
         errors = {}
         if bank is None:
@@ -188,8 +186,6 @@ def _materialise(model, contenders, calib, selection, top_k, grads, device, prog
         candidate.to("cpu")
         if best is None or scores[label] < scores[best]:
             best, best_model, best_errors = label, candidate, errors
-        else:
-            del candidate
-    for name in contenders[0][1]:
+    for name in contenders[0][1]:  # every contender lists every target
         set_submodule(model, name, get_submodule(best_model, name))
     return best, scores, best_errors
