@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import RESULTS, compress_and_eval, run_worker, write_results
+from common import RESULTS, compress_and_eval, method_label, run_worker, write_results
 
 SETTINGS = [  # dense_targets False: each matrix fitted to its own weight on the real inputs
     {"allocation": "uniform", "order": "front-to-back", "sequential": True, "dense_targets": False},
@@ -93,7 +93,7 @@ def render(rows: list[dict]) -> str:
         target = "dense outputs" if dense_targets(r) else "own inputs"
         resolved = "yes" if r.get("resolve") else "no"
         calib = f"{r.get('calib_samples', 32)} x {r.get('calib_seq_len', 512)}"
-        lines.append(f"| {r['method']} | {r['keep']} | {calib} | {r['allocation']} | {r['order']} | {seq} | {target} | {resolved} | "
+        lines.append(f"| {method_label(r)} | {r['keep']} | {calib} | {r['allocation']} | {r['order']} | {seq} | {target} | {resolved} | "
                      f"{r['kept_fraction']:.4f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} | {r.get('measured', 'earlier')} |")
     return "\n".join(lines) + "\n"
 

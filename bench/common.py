@@ -47,6 +47,12 @@ def settings_label(settings: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(settings.items()))
 
 
+def method_label(row: dict) -> str:
+    """The method and the MethodOptions a row overrode (none: the defaults of its `measured` day)."""
+    return row["method"] + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
+                                   for k, v in sorted(row.get("options", {}).items()))
+
+
 CACHE = REPO / "bench" / ".cache"
 
 
@@ -94,6 +100,9 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
         row.update(kept_fraction=1.0, compress_seconds=0.0)
     else:
         config = CompressConfig(keep=keep, method=method, options=MethodOptions(**options), **settings)
+        # the settings a row did not name are the defaults of its day: record them, for the tables
+        row.update({k: getattr(config, k) for k in ("allocation", "order", "sequential", "dense_targets", "within_block",
+                                                    "resolve", "calib_samples", "calib_seq_len")})
         grads, grad_seconds = None, None
         if method in ("fwsvd", "gfwsvd") or config.allocation == "knapsack":
             grads, grad_seconds = demo_gradients(model, tokenizer, config)

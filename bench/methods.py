@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import RESULTS, compress_and_eval, run_worker, write_results
+from common import RESULTS, compress_and_eval, method_label, run_worker, write_results
 
 ALL_METHODS = ["svd", "asvd", "fwsvd", "svd-llm", "gfwsvd"]
 
@@ -74,9 +74,7 @@ def main() -> None:
         rows = old + rows
     lines = ["| method | keep | kept fraction | PPL | compress s | peak RSS GB |", "|---|---|---|---|---|---|"]
     for r in rows:
-        label = r["method"] + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
-                                      for k, v in r.get("options", {}).items())
-        lines.append(f"| {label} | {r['keep']} | {r['kept_fraction']:.4f} | {r['ppl']:.2f} | "
+        lines.append(f"| {method_label(r)} | {r['keep']} | {r['kept_fraction']:.4f} | {r['ppl']:.2f} | "
                      f"{r['compress_seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
     grad = [r["gradient_seconds_shared"] for r in rows if r.get("gradient_seconds_shared")]
     if grad:

@@ -74,6 +74,23 @@ def test_gfwsvd_error_is_the_kronecker_fisher_quadratic_form():
     assert f.errors[4].item() == pytest.approx(quad, rel=1e-6)
 
 
+def test_gfwsvd_priced_in_a_second_damping_of_b():
+    """Factors truncated under a strongly damped B, errors measured under B damped as asked."""
+    stats, _ = make_stats()
+    w = torch.randn(OUT, IN, dtype=torch.float64)
+    opts = MethodOptions(damping=0.0, cov_damping=1.0, price_cov_damping=0.0)
+    method = build_method("gfwsvd", opts)
+    f = method.factorize(w, stats, min(OUT, IN))
+    plain = build_method("gfwsvd", MethodOptions(damping=0.0, cov_damping=1.0)).factorize(w, stats, min(OUT, IN))
+    a, b = stats.inputs.mean_gram, stats.gradients.mean_cov
+    for r in (1, 3, 5):
+        assert torch.allclose(f.at_rank(r)[0] @ f.at_rank(r)[1], plain.at_rank(r)[0] @ plain.at_rank(r)[1])
+        dw = w - f.at_rank(r)[0] @ f.at_rank(r)[1]
+        assert f.errors[r].item() == pytest.approx(torch.trace(b @ dw @ a @ dw.T).item(), rel=1e-6)
+    assert not torch.allclose(f.errors, plain.errors)
+    assert torch.allclose(method.error_curve(w, stats), f.errors)
+
+
 def test_fwsvd_exponent_changes_result_and_rows_cols_mode_runs():
     stats, _ = make_stats()
     w = torch.randn(OUT, IN, dtype=torch.float64)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--damping", type=float, default=MethodOptions.damping, help="relative damping of Gram matrices")
     c.add_argument("--cov-damping", type=float, default=MethodOptions.cov_damping,
                    help="gfwsvd: relative damping of the gradient covariance (default: --damping)")
+    c.add_argument("--price-cov-damping", type=float, default=MethodOptions.price_cov_damping,
+                   help="gfwsvd: damping of the gradient covariance when pricing ranks (default: --cov-damping)")
     c.add_argument("--fisher-exponent", type=float, default=MethodOptions.fisher_exponent, help="fwsvd: s(F) = F^p")
     c.add_argument("--fisher-mode", default=MethodOptions.fisher_mode, choices=("rows", "rows+cols"))
     c.add_argument("--asvd-alpha", type=float, default=MethodOptions.asvd_alpha)
@@ -174,7 +176,7 @@ def cmd_compress(args) -> dict:
         sequential=not args.one_shot, dense_targets=args.dense_targets, within_block=args.within_block, resolve=args.resolve, int8=args.int8,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
-        options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, fisher_exponent=args.fisher_exponent,
+        options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, price_cov_damping=args.price_cov_damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
         search=SearchOptions(generations=args.generations, time_limit=args.time_limit, offspring=args.offspring,
                              survivors=args.survivors, fitness_tokens=args.fitness_tokens,

@@ -25,6 +25,9 @@ class MethodOptions:
     damping: float = 1e-6
     # gfwsvd: relative damping of the output-gradient covariance B, None = same as `damping`.
     cov_damping: float | None = None
+    # gfwsvd: damping of B when the allocator prices ranks, None = same as the factorisation's
+    # (the factors are then priced in the metric they were truncated in)
+    price_cov_damping: float | None = None
     # fwsvd: scaling s(F) = F**p of the Fisher importances (VAC: p = 1/3 beats 1/2).
     fisher_exponent: float = 1.0 / 3.0
     # fwsvd: "rows+cols" (VAC) or "rows" (FWSVD; collapses on the demo model, see the README).
@@ -39,6 +42,8 @@ class MethodOptions:
             raise VaclmError(f"damping must be >= 0, got {self.damping}")
         if self.cov_damping is not None and not self.cov_damping >= 0:
             raise VaclmError(f"covariance damping must be >= 0, got {self.cov_damping}")
+        if self.price_cov_damping is not None and not self.price_cov_damping >= 0:
+            raise VaclmError(f"pricing covariance damping must be >= 0, got {self.price_cov_damping}")
         if self.fisher_mode not in ("rows", "rows+cols"):
             raise VaclmError(f"fisher mode must be 'rows' or 'rows+cols', got {self.fisher_mode!r}")
         if not self.scale_clamp >= 1:

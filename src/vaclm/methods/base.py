@@ -37,6 +37,9 @@ class Weighting:
     unweight_right: Callable[[torch.Tensor], torch.Tensor]  # k x in -> `down`
     metric: str
     offset: float = 0.0  # added to every truncation error (dense targets: relative to keeping W)
+    # errors measured in another left metric than `matrix` is truncated in (linalg/svd.py): maps
+    # weighted-space columns (out x k) to the pricing space; None: the truncation's own metric
+    price_left: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -78,13 +81,13 @@ class Method(ABC):
     def factorize(self, weight: torch.Tensor, stats: LayerStats, max_rank: int) -> Factorization:
         self._require(stats)
         w = self.weighting(weight.double(), stats)
-        t = truncated_svd(w.matrix, max_rank)
+        t = truncated_svd(w.matrix, max_rank, w.price_left)
         return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors + w.offset, w.metric)
 
     def error_curve(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         self._require(stats)
         w = self.weighting(weight.double(), stats)
-        return error_curve(w.matrix) + w.offset
+        return error_curve(w.matrix, w.price_left) + w.offset
 
     def loss_scale(self, weight: torch.Tensor, stats: LayerStats) -> float:
         """Multiplier turning this method's error into an estimated loss increase.

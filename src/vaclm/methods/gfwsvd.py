@@ -26,7 +26,18 @@ class KroneckerFisherSVD(Method):
         left_weighted = b.factor.T @ weight
         matrix = right_whitened(left_weighted, stats.inputs, a)
         return Weighting(matrix, b.inverse_t_times, a.times_inverse,
-                         metric="vec(dW)^T (A x B) vec(dW)", offset=dense_target_offset(left_weighted, stats.inputs, a, matrix))
+                         metric="vec(dW)^T (A x B) vec(dW)", offset=dense_target_offset(left_weighted, stats.inputs, a, matrix),
+                         price_left=self._price_left(stats, b, cov_damping))
+
+    def _price_left(self, stats, b, cov_damping):
+        """A B damped less (or more) for pricing than for factorising: a strongly damped B gives
+        factors that generalise better, while the loss estimate wants B as measured. The error
+        of factors truncated under B_f, in the metric of B_p: ||Sp^T Sf^-T U_{>r} S_{>r}||^2."""
+        price_damping = self.options.price_cov_damping
+        if price_damping is None or price_damping == cov_damping:
+            return None
+        p = sqrt_factor(stats.gradients.mean_cov.to(b.factor.device), price_damping)
+        return lambda columns: p.factor.T @ b.inverse_t_times(columns)
 
     def loss_scale(self, weight, stats):
         return 1.0
