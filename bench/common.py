@@ -50,7 +50,7 @@ def settings_label(settings: dict) -> str:
 def method_label(row: dict) -> str:
     """The method and the MethodOptions a row overrode (none: the defaults of its `measured` day)."""
     return row["method"] + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
-                                   for k, v in sorted(row.get("options", {}).items()))
+                                   for k, v in row.get("options", {}).items())
 
 
 CACHE = REPO / "bench" / ".cache"

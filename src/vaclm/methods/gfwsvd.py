@@ -32,7 +32,8 @@ class KroneckerFisherSVD(Method):
     def _price_left(self, stats, b, cov_damping):
         """A B damped less (or more) for pricing than for factorising: a strongly damped B gives
         factors that generalise better, while the loss estimate wants B as measured. The error
-        of factors truncated under B_f, in the metric of B_p: ||Sp^T Sf^-T U_{>r} S_{>r}||^2."""
+        of factors truncated under B_f, in the metric of B_p: ||Sp^T Sf^-T U_{>r} S_{>r}||^2.
+        With --dense-targets the offset stays in the factorisation's metric: an approximation."""
         price_damping = self.options.price_cov_damping
         if price_damping is None or price_damping == cov_damping:
             return None
