@@ -2,6 +2,7 @@
 works, bad input is refused in one line, and the healed folder reloads in a fresh process."""
 
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -260,3 +261,52 @@ def test_cli_heal_saves_a_folder_that_reloads_in_a_fresh_process(pair, tmp_path,
              str(tmp_path / "text.txt"), "--tokens", "100000", "--out", str(tmp_path / "x")]
     one_line_error(short, "too few for", "lower --tokens")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_train_dense_also_updates_matrices_kept_dense(pair):
+    from vaclm.model.arch import set_submodule
+    from vaclm.model.lowrank import LowRankLinear
+    from vaclm.recovery.params import dense_target_names
+
+    teacher, compressed = pair
+    name = "model.layers.0.mlp.down_proj"
+
+    def with_one_dense_matrix():  # as if the allocator had kept this matrix dense
+        student = copy.deepcopy(compressed)
+        factored = student.get_submodule(name)
+        assert isinstance(factored, LowRankLinear)
+        dense = torch.nn.Linear(factored.in_features, factored.out_features, bias=False)
+        with torch.no_grad():
+            dense.weight.copy_(factored.dense_weight())
+        set_submodule(student, name, dense)
+        return student
+
+    student = with_one_dense_matrix()
+    assert dense_target_names(student) == [name]
+    before = student.get_submodule(name).weight.detach().clone()
+    frozen = {n: p.clone() for n, p in student.named_parameters() if "embed" in n or "norm" in n}
+    config = HealConfig(**{**FAST, "tokens": 200 * 32, "batch_size": 8, "eval_every": 5, "patience": 10})
+    result = vaclm.heal(student, teacher, stream(20000), dataclasses.replace(config, train_dense=True), progress=False)
+    assert result.best_step > 0 and min(v["kl"] for v in result.val) < result.val[0]["kl"]
+    assert not torch.equal(before, student.get_submodule(name).weight)
+    params = dict(student.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in frozen.items())
+    default = with_one_dense_matrix()
+    vaclm.heal(default, teacher, stream(20000), config, progress=False)
+    assert torch.equal(before, default.get_submodule(name).weight)  # without the flag it stays frozen
+
+
+def test_cross_entropy_term_is_trained_and_drives_early_stopping(pair):
+    teacher, compressed = pair
+    config = HealConfig(**{**FAST, "tokens": 64 * 32, "batch_size": 8, "eval_every": 2, "patience": 10})
+    with_ce, without = copy.deepcopy(compressed), copy.deepcopy(compressed)
+    result = vaclm.heal(with_ce, teacher, stream(), dataclasses.replace(config, ce_weight=0.5), progress=False)
+    vaclm.heal(without, teacher, stream(), config, progress=False)
+    assert all(r["ce"] > 0 and math.isclose(r["loss"], r["kl"] + 0.5 * r["ce"], rel_tol=1e-9) for r in result.losses)
+    assert all(math.isclose(v["objective"], v["kl"] + 0.5 * math.log(v["ppl"]), rel_tol=1e-9) for v in result.val)
+    best = min(result.val, key=lambda v: v["objective"])
+    assert result.best_step == best["step"]
+    moved = [n for n, p in with_ce.named_parameters() if not torch.equal(p, dict(without.named_parameters())[n])]
+    assert moved and all(n.endswith((".up.weight", ".down.weight")) for n in moved)
+    with pytest.raises(VaclmError, match="ce-weight must be >= 0"):
+        HealConfig(ce_weight=-1.0)

@@ -122,10 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--temperature", type=float, default=HealConfig.temperature, help="KL at softmax(logits / T), times T^2")
     h.add_argument("--hidden-weight", type=float, default=HealConfig.hidden_weight,
                    help="weight of a normalised MSE between teacher and student hidden states (0: off)")
+    h.add_argument("--ce-weight", type=float, default=HealConfig.ce_weight,
+                   help="add the student's next-token cross-entropy on the training text, times this, to the KL "
+                        "(0: pure distillation; >0 also adapts the model to the text's domain)")
     h.add_argument("--hidden-layers", type=int, nargs="+", default=None,
                    help="hidden-state indices for that loss (0 = embeddings; default: every block output)")
     h.add_argument("--train-norms", action="store_true", help="also train the normalisation weights")
     h.add_argument("--train-bias", action="store_true", help="also train the factorised layers' biases")
+    h.add_argument("--train-dense", action="store_true",
+                   help="also train the decoder matrices the allocator kept dense (more capacity, more optimizer memory)")
     h.add_argument("--balance", action=argparse.BooleanOptionalAction, default=HealConfig.balance,
                    help="rebalance each factor pair before training (same product, better conditioned)")
     h.add_argument("--val-tokens", type=int, default=HealConfig.val_tokens, help="held-out validation tokens (0: no validation)")
@@ -217,9 +222,9 @@ def cmd_heal(args) -> dict:
     config = HealConfig(
         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         epochs=args.epochs, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, temperature=args.temperature, hidden_weight=args.hidden_weight,
+        max_grad_norm=args.max_grad_norm, temperature=args.temperature, hidden_weight=args.hidden_weight, ce_weight=args.ce_weight,
         hidden_layers=tuple(args.hidden_layers) if args.hidden_layers else None, train_norms=args.train_norms,
-        train_bias=args.train_bias, balance=args.balance, val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience,
+        train_bias=args.train_bias, train_dense=args.train_dense, balance=args.balance, val_tokens=args.val_tokens, eval_every=args.eval_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
     )
     check_output(Path(args.out), args.overwrite)  # fail before the slow part

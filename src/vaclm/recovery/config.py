@@ -33,9 +33,13 @@ class HealConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     temperature: float = 1.0  # KL(teacher || student) of softmax(logits / T), times T^2
     hidden_weight: float = 0.0  # weight of the normalised MSE between chosen hidden states (0: off)
+    # weight of the student's next-token cross-entropy on the training text, added to the KL (0: pure
+    # distillation). It also fits the student to the training text's domain, which the teacher is not.
+    ce_weight: float = 0.0
     hidden_layers: tuple[int, ...] | None = None  # indices into hidden_states (0 = embeddings); None: every block output
     train_norms: bool = False  # also train the normalisation layers' weights
     train_bias: bool = False  # also train the biases the factorised layers carry
+    train_dense: bool = False  # also train the decoder matrices the allocator kept dense (weights and biases)
     # rebalance each factor pair first (same product): whitened methods leave `down` tiny and `up`
     # huge, and one AdamW learning rate then diverges on one and stalls on the other
     balance: bool = True
@@ -66,7 +70,7 @@ class HealConfig:
             raise VaclmError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (self.temperature > 0):
             raise VaclmError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("weight_decay", "max_grad_norm", "hidden_weight"):
+        for name in ("weight_decay", "max_grad_norm", "hidden_weight", "ce_weight"):
             if not (getattr(self, name) >= 0):
                 raise VaclmError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.hidden_layers is not None:

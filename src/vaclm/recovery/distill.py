@@ -1,4 +1,5 @@
-"""Distillation losses as tensor functions: KL on logits at a temperature, and a hidden-state loss.
+"""Distillation losses as tensor functions: KL on logits at a temperature (plus, optionally, the
+student's own next-token cross-entropy on the training text), and a hidden-state loss.
 
 The KL is computed a chunk of positions at a time from the two models' final hidden states, so
 only `chunk` rows of full-vocabulary logits exist at once; its gradient comes back as a gradient
@@ -28,12 +29,16 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 
 def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
                temperature: float, chunk: int, grad_scale: float | None = None,
-               labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None, float]:
-    """(KL summed over positions, d(grad_scale * KL)/d student_hidden or None, student NLL summed over labels).
+               labels: torch.Tensor | None = None, ce_weight: float = 0.0) -> tuple[float, torch.Tensor | None, float]:
+    """(KL summed over positions, d(grad_scale * (KL + ce_weight * NLL))/d student_hidden or None,
+    student NLL summed over labels).
 
     Hidden states are (..., d); positions are flattened. With grad_scale None no gradient is built
-    (validation). `labels` (same leading shape, -100 = ignore) adds the student's next-token NLL.
+    (validation). `labels` (same leading shape, -100 = ignore) adds the student's next-token NLL,
+    which enters the gradient only with ce_weight > 0.
     """
+    if ce_weight > 0 and labels is None:
+        raise ValueError("a cross-entropy weight needs labels")
     d = student_hidden.shape[-1]
     hs = student_hidden.detach().reshape(-1, d)
     ht = teacher_hidden.reshape(-1, d)
@@ -52,7 +57,11 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stude
             piece = hs[rows].clone().requires_grad_(True)
             student_logits = student_head(piece)
             loss = kl_sum(student_logits, teacher_logits, temperature)
-            (grad[rows],) = torch.autograd.grad(loss * grad_scale, piece)
+            objective = loss
+            if ce_weight > 0:
+                ce = F.cross_entropy(student_logits.float(), flat_labels[rows], ignore_index=-100, reduction="sum")
+                objective = loss + ce_weight * ce
+            (grad[rows],) = torch.autograd.grad(objective * grad_scale, piece)
             total += loss.item()
         if flat_labels is not None:
             nll += F.cross_entropy(student_logits.detach().float(), flat_labels[rows], ignore_index=-100,

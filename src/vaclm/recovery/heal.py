@@ -2,8 +2,9 @@
 
 Per optimizer step: `grad_accum` forward passes of `batch_size` windows; each runs the teacher's
 body under inference_mode, the student's body with autograd, the chunked KL on the two final
-hidden states (plus an optional hidden-state loss), and one backward pass. AdamW, linear warm-up
-then cosine decay, gradient clipping. Validation (KL to the teacher on held-out windows) at step 0,
+hidden states (plus optional cross-entropy on the text and hidden-state losses), and one backward
+pass. AdamW, linear warm-up then cosine decay, gradient clipping. Validation (KL to the teacher on
+held-out windows, plus ce_weight x the student's NLL there when that is trained) at step 0,
 every `eval_every` steps and at the end; the best validated parameters are what the run returns,
 and `patience` validations without improvement stop it. With a checkpoint, the full state is saved
 every `checkpoint_every` steps and a resumed run continues to the same result as an uninterrupted one.
@@ -43,7 +44,7 @@ class HealResult:
     stopped_early: bool = False
     tokens: int = 0  # training tokens processed
     train_seconds: float = 0.0  # forward + backward + optimizer time, without validation and checkpoints
-    losses: list[dict] = field(default_factory=list)  # per step: step, loss, kl, hidden, lr, grad_norm
+    losses: list[dict] = field(default_factory=list)  # per step: step, loss, kl, hidden, ce, lr, grad_norm
     val: list[dict] = field(default_factory=list)  # per validation: step, kl, ppl
     windows: dict = field(default_factory=dict)
     teacher: str = ""
@@ -130,16 +131,17 @@ class Trainer:
     def _heads(self):
         return (lambda h: head_logits(self.student, h)), (lambda h: head_logits(self.teacher, h))
 
-    def _micro_step(self, ids: torch.Tensor, step_tokens: int) -> tuple[float, float]:
-        """Forward + backward of one micro-batch; returns (KL summed over its tokens, hidden loss)."""
+    def _micro_step(self, ids: torch.Tensor, step_tokens: int) -> tuple[float, float, float]:
+        """Forward + backward of one micro-batch; returns (KL and NLL summed over its tokens, hidden loss)."""
         cfg = self.config
         want_hidden = cfg.hidden_weight > 0
+        labels = next_token_labels(ids) if cfg.ce_weight > 0 else None
         with torch.inference_mode(), self.autocast():
             t_last, t_states = run_body(self.teacher, ids, hidden_states=want_hidden)
         with self.autocast():
             s_last, s_states = run_body(self.student, ids, hidden_states=want_hidden)
-            kl, grad, _ = chunked_kl(s_last, t_last, *self._heads(), cfg.temperature, cfg.kl_chunk,
-                                     grad_scale=1.0 / step_tokens)
+            kl, grad, nll = chunked_kl(s_last, t_last, *self._heads(), cfg.temperature, cfg.kl_chunk,
+                                       grad_scale=1.0 / step_tokens, labels=labels, ce_weight=cfg.ce_weight)
             outputs, grads = [s_last], [grad]
             hidden = 0.0
             if want_hidden:
@@ -150,17 +152,18 @@ class Trainer:
                 grads.append(None)
                 hidden = h.item()
         torch.autograd.backward(outputs, grads)
-        return kl, hidden
+        return kl, nll, hidden
 
     def step(self, k: int) -> dict:
         seqs = self.order[k * self.per_step:(k + 1) * self.per_step]
         step_tokens = len(seqs) * self.config.seq_len
-        kl_sum, hidden_sum = 0.0, 0.0
+        kl_sum, nll_sum, hidden_sum = 0.0, 0.0, 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(0, len(seqs), self.config.batch_size):
             ids = self.train[seqs[start:start + self.config.batch_size]].to(self.device)
-            kl, hidden = self._micro_step(ids, step_tokens)
+            kl, nll, hidden = self._micro_step(ids, step_tokens)
             kl_sum += kl
+            nll_sum += nll
             hidden_sum += hidden * ids.numel()
         params = list(self.params.values())
         if self.config.max_grad_norm > 0:
@@ -170,14 +173,16 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        kl, hidden = kl_sum / step_tokens, hidden_sum / step_tokens
-        return {"step": k + 1, "loss": kl + self.config.hidden_weight * hidden, "kl": kl, "hidden": hidden,
-                "lr": lr, "grad_norm": norm, "tokens": step_tokens}
+        kl, nll, hidden = kl_sum / step_tokens, nll_sum / step_tokens, hidden_sum / step_tokens
+        loss = kl + self.config.hidden_weight * hidden + self.config.ce_weight * nll
+        return {"step": k + 1, "loss": loss, "kl": kl, "hidden": hidden, "ce": nll, "lr": lr, "grad_norm": norm,
+                "tokens": step_tokens}
 
     # validation --------------------------------------------------------------------------------
     @torch.inference_mode()
     def validate(self, step: int) -> dict:
-        """KL to the teacher (the early-stopping metric) and the student's perplexity on held-out windows."""
+        """KL to the teacher and the student's perplexity on held-out windows; `objective` (KL, plus
+        ce_weight x the student's NLL when that is trained) is the early-stopping metric."""
         was_training = self.student.training
         self.student.eval()
         batches = [self.val[i:i + self.config.batch_size].to(self.device)
@@ -194,7 +199,8 @@ class Trainer:
                                      labels=target)
                 kl, nll, labels = kl + k, nll + n, labels + int((target >= 0).sum())
         self.student.train(was_training)
-        return {"step": step, "kl": kl / self.val.numel(), "ppl": math.exp(nll / labels)}
+        kl, nll = kl / self.val.numel(), nll / labels
+        return {"step": step, "kl": kl, "ppl": math.exp(nll), "objective": kl + self.config.ce_weight * nll}
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}
@@ -202,8 +208,8 @@ class Trainer:
     def record_validation(self, result: HealResult, step: int) -> None:
         v = self.validate(step)
         result.val.append(v)
-        if v["kl"] < self.best_val:
-            self.best_val, self.bad_evals, result.best_step = v["kl"], 0, step
+        if v["objective"] < self.best_val:
+            self.best_val, self.bad_evals, result.best_step = v["objective"], 0, step
             self.best_params = self._snapshot()
         else:
             self.bad_evals += 1

@@ -1,5 +1,6 @@
-"""Which parameters healing trains: the low-rank factors (and optionally biases and norms); the
-rest is frozen, so neither gradients nor optimizer state are kept for it."""
+"""Which parameters healing trains: the low-rank factors (and optionally biases, norms and the
+decoder matrices kept dense); the rest is frozen, so neither gradients nor optimizer state are
+kept for it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn as nn
 
 from ..errors import VaclmError
 from ..linalg.balance import balanced_factors
+from ..model.arch import spec_for, target_names
 from ..model.lowrank import LowRankLinear
 from .config import HealConfig
 
@@ -20,18 +22,26 @@ def is_norm(module: nn.Module) -> bool:
 def trainable_parameters(model: nn.Module, config: HealConfig) -> dict[str, nn.Parameter]:
     """Name -> parameter of everything healing updates, in a fixed order (the optimizer's order)."""
     chosen: dict[str, nn.Parameter] = {}
+    dense_targets = set(dense_target_names(model)) if config.train_dense else set()
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
             chosen[f"{name}.down.weight"] = module.down.weight
             chosen[f"{name}.up.weight"] = module.up.weight
             if config.train_bias and module.up.bias is not None:
                 chosen[f"{name}.up.bias"] = module.up.bias
-        elif config.train_norms and is_norm(module):
+        elif name in dense_targets or (config.train_norms and is_norm(module)):
             for pname, p in module.named_parameters(recurse=False):
                 chosen[f"{name}.{pname}"] = p
     if not any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise VaclmError("the model has no factorised layers to heal; compress it first with `vaclm compress`")
     return chosen
+
+
+def dense_target_names(model: nn.Module) -> list[str]:
+    """Decoder matrices the architecture would factorise but the allocator kept dense."""
+    spec = spec_for(model.config.model_type)
+    return [n for block in target_names(model, spec) for n in block
+            if not isinstance(model.get_submodule(n), LowRankLinear)]
 
 
 def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, bool]:
