@@ -49,23 +49,20 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stude
         rows = slice(start, start + chunk)
         with torch.no_grad():
             teacher_logits = teacher_head(ht[rows])
-        if grad is None:
-            with torch.no_grad():
-                student_logits = student_head(hs[rows])
-                total += kl_sum(student_logits, teacher_logits, temperature).item()
-        else:
-            piece = hs[rows].clone().requires_grad_(True)
+        building = grad is not None
+        piece = hs[rows].clone().requires_grad_(True) if building else hs[rows]
+        with torch.enable_grad() if building else torch.no_grad():
             student_logits = student_head(piece)
             loss = kl_sum(student_logits, teacher_logits, temperature)
-            objective = loss
-            if ce_weight > 0:
-                ce = F.cross_entropy(student_logits.float(), flat_labels[rows], ignore_index=-100, reduction="sum")
-                objective = loss + ce_weight * ce
+            # one cross-entropy over the vocabulary per chunk: reported as NLL and, when weighted, trained
+            ce = (F.cross_entropy(student_logits.float(), flat_labels[rows], ignore_index=-100, reduction="sum")
+                  if flat_labels is not None else None)
+        if building:
+            objective = loss + ce_weight * ce if ce_weight > 0 else loss
             (grad[rows],) = torch.autograd.grad(objective * grad_scale, piece)
-            total += loss.item()
-        if flat_labels is not None:
-            nll += F.cross_entropy(student_logits.detach().float(), flat_labels[rows], ignore_index=-100,
-                                   reduction="sum").item()
+        total += loss.item()
+        if ce is not None:
+            nll += ce.item()
     return total, (grad.view_as(student_hidden) if grad is not None else None), nll
 
 

@@ -45,7 +45,7 @@ class HealResult:
     tokens: int = 0  # training tokens processed
     train_seconds: float = 0.0  # forward + backward + optimizer time, without validation and checkpoints
     losses: list[dict] = field(default_factory=list)  # per step: step, loss, kl, hidden, ce, lr, grad_norm
-    val: list[dict] = field(default_factory=list)  # per validation: step, kl, ppl
+    val: list[dict] = field(default_factory=list)  # per validation: step, kl, ppl, objective
     windows: dict = field(default_factory=dict)
     teacher: str = ""
     source: str | None = None  # the compressed folder the student came from
