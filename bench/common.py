@@ -69,14 +69,16 @@ def demo_gradients(model, tokenizer, config):
     from vaclm.model.arch import get_submodule, spec_for, target_names
     from vaclm.pipeline.statistics import gradient_stats
 
-    path = CACHE / f"grads-{config.calib_samples}x{config.calib_seq_len}-s{config.seed}.safetensors"
+    labels = "" if config.fisher_labels == "data" else f"-{config.fisher_labels}"
+    path = CACHE / f"grads-{config.calib_samples}x{config.calib_seq_len}-s{config.seed}{labels}.safetensors"
     if path.exists():
         return load_gradients(path), None
     ids = api.calibration_ids(str(WIKI_VALID), tokenizer, config)
     spec = spec_for(model.config.model_type)
     modules = {n: get_submodule(model, n) for b in target_names(model, spec) for n in b}
     start = time.time()
-    grads = gradient_stats(model, modules, ids, "cpu", cov=True, fisher=True, progress=False)
+    grads = gradient_stats(model, modules, ids, "cpu", cov=True, fisher=True, progress=False,
+                           labels=config.fisher_labels, seed=config.seed)
     seconds = time.time() - start
     CACHE.mkdir(parents=True, exist_ok=True)
     save_gradients(path, grads)

@@ -263,6 +263,18 @@ def test_cli_heal_saves_a_folder_that_reloads_in_a_fresh_process(pair, tmp_path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
+def test_dense_model_with_train_dense_is_fine_tuned_by_the_same_recipe(pair):
+    teacher, _ = pair
+    student = copy.deepcopy(teacher)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    result = vaclm.heal(student, teacher, stream(), HealConfig(**FAST, train_dense=True, ce_weight=1.0), progress=False)
+    after = dict(student.named_parameters())
+    changed = [n for n, p in before.items() if not torch.equal(p, after[n])]
+    assert any("mlp" in n for n in changed) and any("self_attn" in n for n in changed)
+    assert not any("embed" in n or "norm" in n for n in changed)  # only the decoder matrices train
+    assert result.steps > 0 and all(math.isfinite(r["loss"]) for r in result.losses)
+
+
 def test_train_dense_also_updates_matrices_kept_dense(pair):
     from vaclm.model.arch import set_submodule
     from vaclm.model.lowrank import LowRankLinear

@@ -15,6 +15,7 @@ CONFIG_VERSION = 1
 METHODS = ("svd", "svd-llm", "fwsvd", "asvd", "gfwsvd")
 ALLOCATIONS = ("uniform", "knapsack", "evolve")
 ORDERS = ("front-to-back", "back-to-front", "middle-out")
+FISHER_LABELS = ("data", "model")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ class CompressConfig:
     int8: bool = False
     calib_samples: int = 32
     calib_seq_len: int = 512
+    # labels of the backward passes that give the gradient statistics: "data" (the calibration
+    # text's next tokens: the empirical Fisher, as FWSVD and VAC use it) or "model" (tokens drawn
+    # from the model's own next-token distribution: the true Fisher, which equals the Gauss-Newton
+    # curvature of the loss that the truncation errors are meant to estimate)
+    fisher_labels: str = "data"
     batch_size: int = 4
     seed: int = 0
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -125,6 +131,8 @@ class CompressConfig:
             raise VaclmError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.order not in ORDERS:
             raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise VaclmError(f"unknown Fisher labels {self.fisher_labels!r}; choose one of {', '.join(FISHER_LABELS)}")
         if self.target_bytes is not None and self.target_bytes <= 0:
             raise VaclmError(f"target size must be positive, got {self.target_bytes} bytes")
         if self.rank_align < 1:

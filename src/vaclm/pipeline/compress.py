@@ -86,7 +86,7 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
     plan_knapsack = ranks is None and config.allocation == "knapsack"
     grads = {}
     if method.needs_gradients or plan_knapsack:
-        grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint)
+        grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint, config)
         _warn_if_singular(method, grads)
 
     allocation, plan = {}, None
@@ -186,14 +186,14 @@ def _candidates_from_json(data: dict) -> dict[str, Candidates]:
             for n, d in data.items()}
 
 
-def _gradients(model, targets, method, calib, device, progress, given, checkpoint) -> dict:
+def _gradients(model, targets, method, calib, device, progress, given, checkpoint, config) -> dict:
     """Given statistics if they hold what the method needs, else the checkpoint's, else computed."""
     for grads in (given, checkpoint.gradients() if checkpoint else None):
         if grads and not (method.needs_cov and any(g.cov is None for g in grads.values())) and not (
                 method.needs_fisher and any(g.fisher_rows is None for g in grads.values())):
             return grads
     grads = gradient_stats(model.to(device), targets.modules, calib, device, cov=method.needs_cov,
-                           fisher=method.needs_fisher, progress=progress)
+                           fisher=method.needs_fisher, progress=progress, labels=config.fisher_labels, seed=config.seed)
     model.to("cpu")  # blocks go back to the device one at a time
     if checkpoint:
         checkpoint.save_gradients(grads)

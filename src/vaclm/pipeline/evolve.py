@@ -77,7 +77,7 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
         warnings.warn("no fitness windows are left beyond the search's: the result is chosen on the windows the "
                       "search fitted (biased towards the winner); give more fitness text", stacklevel=2)
         selection = windows
-    grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint)
+    grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint, config)
 
     names = [n for block in targets.per_block for n in block]
     choices = [rank_grid(shapes[n], config.rank_align) + [None] for n in names]

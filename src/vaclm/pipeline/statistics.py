@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..linalg.stats import GradientStats, InputStats
@@ -115,8 +116,12 @@ def gradient_groups(shapes: dict[str, tuple[int, int]], cov: bool, fisher: bool,
 
 def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, device: str,
                    cov: bool, fisher: bool, progress: bool = True,
-                   memory_budget: int = 16 * 2**30) -> dict[str, GradientStats]:
+                   memory_budget: int = 16 * 2**30, labels: str = "data", seed: int = 0) -> dict[str, GradientStats]:
     """Backward passes of the LM loss, one calibration sequence at a time.
+
+    `labels`: "data" scores the text's own next tokens (empirical Fisher); "model" scores tokens
+    drawn from the model's next-token distribution at every position (true Fisher, seeded by
+    `seed` so that a rerun gives the same statistics).
 
     No parameter gradient is formed: the embedding output is made to require grad, so autograd
     computes only activation gradients, and a tensor hook on each target's output hands
@@ -131,7 +136,7 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
     for number, group in enumerate(groups, 1):
         part = {n: GradientStats(*shapes[n], cov=cov, fisher=fisher, device=device) for n in group}
         desc = "gradient statistics" + (f" ({number}/{len(groups)})" if len(groups) > 1 else "")
-        _backward_walk(model, {n: modules[n] for n in group}, part, calib, device, desc, progress)
+        _backward_walk(model, {n: modules[n] for n in group}, part, calib, device, desc, progress, labels, seed)
         for name, s in part.items():
             for field in ("sq_sum", "cov", "fisher_rows", "fisher_cols"):
                 if getattr(s, field) is not None:
@@ -140,7 +145,15 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
     return stats
 
 
-def _backward_walk(model, modules, stats, calib, device, desc, progress) -> None:
+def _sampled_label_loss(model, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Cross-entropy against tokens drawn from the model's own predictions (drawn without grad)."""
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    with torch.no_grad():
+        drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return F.cross_entropy(logits, drawn)
+
+
+def _backward_walk(model, modules, stats, calib, device, desc, progress, labels="data", seed=0) -> None:
     def make_hook(name):
         def hook(module, args, output):
             x = args[0].detach()
@@ -153,11 +166,16 @@ def _backward_walk(model, modules, stats, calib, device, desc, progress) -> None
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    generator = torch.Generator(device).manual_seed(seed)
     try:
         with _hooks(modules, make_hook):
             for sample in tqdm(calib, desc=desc, disable=not progress, unit="seq"):
                 ids = sample.unsqueeze(0).to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                if labels == "model":
+                    loss = _sampled_label_loss(model, ids, generator)
+                else:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
     finally:
         grad_on.remove()
         for p, flag in zip(model.parameters(), flags):

@@ -32,8 +32,11 @@ def trainable_parameters(model: nn.Module, config: HealConfig) -> dict[str, nn.P
         elif name in dense_targets or (config.train_norms and is_norm(module)):
             for pname, p in module.named_parameters(recurse=False):
                 chosen[f"{name}.{pname}"] = p
-    if not any(isinstance(m, LowRankLinear) for m in model.modules()):
-        raise VaclmError("the model has no factorised layers to heal; compress it first with `vaclm compress`")
+    # a dense model with --train-dense is the same recipe as a fine-tune: the reference that shows
+    # how much of a healed model's gain is adaptation to the training text rather than recovery
+    if not any(isinstance(m, LowRankLinear) for m in model.modules()) and not config.train_dense:
+        raise VaclmError("the model has no factorised layers to heal; compress it first with `vaclm compress` "
+                         "(or set train_dense to fine-tune the dense matrices with the same recipe)")
     return chosen
 
 
