@@ -43,13 +43,16 @@ def activation_error(w, up, down, x):
 @pytest.mark.parametrize("rank", [2, 5, 9])
 def test_whitened_error_not_above_plain_svd_in_activation_norm(rank):
     stats, x = make_stats()
-    w = torch.randn(OUT, IN, dtype=torch.float64)
+    w = torch.randn(OUT, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     opts = MethodOptions(damping=0.0)
     plain = build_method("svd", opts).factorize(w, stats, rank).at_rank(rank)
     white = build_method("svd-llm", opts).factorize(w, stats, rank)
     assert activation_error(w, *white.at_rank(rank), x) <= activation_error(w, *plain, x) * (1 + 1e-9)
-    # and svd-llm's reported error is exactly the mean activation error it minimises
-    assert white.errors[rank].item() == pytest.approx(activation_error(w, *white.at_rank(rank), x) / TOKENS, rel=1e-6)
+    # and svd-llm's reported error is the mean activation error it minimises; the Gram matrix is
+    # summed from float32 products, so the match holds to float32 precision of the total energy
+    total = activation_error(w, torch.zeros(OUT, 1, dtype=torch.float64), torch.zeros(1, IN, dtype=torch.float64), x)
+    assert white.errors[rank].item() == pytest.approx(activation_error(w, *white.at_rank(rank), x) / TOKENS,
+                                                      abs=1e-6 * total / TOKENS)
 
 
 def test_gfwsvd_with_identity_gradient_covariance_is_svd_llm():
