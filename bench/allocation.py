@@ -71,7 +71,7 @@ def merge(rows: list[dict]) -> list[dict]:
     key = lambda r: json.dumps({**{k: r.get(k) for k in ("method", "keep", "allocation", "order", "sequential",
                                                           "within_block", "options")},
                                 "dense_targets": dense_targets(r), "resolve": bool(r.get("resolve")),
-                                "calib_samples": r.get("calib_samples", 32),
+                                "calib_samples": r.get("calib_samples", 32), "calib_seq_len": r.get("calib_seq_len", 512),
                                 "fisher_labels": r.get("fisher_labels", "data"), "seed": r.get("seed", 0)}, sort_keys=True)
     old = json.loads((RESULTS / "allocation.json").read_text()) if (RESULTS / "allocation.json").exists() else []
     merged = {key(r): r for r in old}
