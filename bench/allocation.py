@@ -72,7 +72,8 @@ def merge(rows: list[dict]) -> list[dict]:
                                                           "within_block", "options")},
                                 "dense_targets": dense_targets(r), "resolve": bool(r.get("resolve")),
                                 "calib_samples": r.get("calib_samples", 32), "calib_seq_len": r.get("calib_seq_len", 512),
-                                "fisher_labels": r.get("fisher_labels", "data"), "seed": r.get("seed", 0)}, sort_keys=True)
+                                "fisher_labels": r.get("fisher_labels", "data"), "seed": r.get("seed", 0),
+                                "depth_tilt": r.get("depth_tilt", 0.0)}, sort_keys=True)
     old = json.loads((RESULTS / "allocation.json").read_text()) if (RESULTS / "allocation.json").exists() else []
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
@@ -89,7 +90,7 @@ def render(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda r: (-r["keep"], r["allocation"] != "knapsack", not r["sequential"], r["order"] != "front-to-back",
                        bool(r.get("within_block")), dense_targets(r), bool(r.get("resolve")), r.get("calib_samples", 32),
-                       r.get("fisher_labels", "data"), r.get("seed", 0))
+                       r.get("fisher_labels", "data"), r.get("seed", 0), r.get("depth_tilt", 0.0))
     for r in sorted(rows, key=order):
         seq = ("within blocks too" if r.get("within_block") else "yes") if r["sequential"] else "no (one-shot)"
         target = "dense outputs" if dense_targets(r) else "own inputs"
@@ -97,7 +98,8 @@ def render(rows: list[dict]) -> str:
         calib = f"{r.get('calib_samples', 32)} x {r.get('calib_seq_len', 512)}" + (
             ", drawn labels" if r.get("fisher_labels", "data") == "model" else "") + (
             f", seed {r['seed']}" if r.get("seed", 0) else "")
-        lines.append(f"| {method_label(r)} | {r['keep']} | {calib} | {r['allocation']} | {r['order']} | {seq} | {target} | {resolved} | "
+        allocation = r["allocation"] + (f", depth tilt {r['depth_tilt']:g}" if r.get("depth_tilt") else "")
+        lines.append(f"| {method_label(r)} | {r['keep']} | {calib} | {allocation} | {r['order']} | {seq} | {target} | {resolved} | "
                      f"{r['kept_fraction']:.4f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} | {r.get('measured', 'earlier')} |")
     return "\n".join(lines) + "\n"
 

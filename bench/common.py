@@ -104,7 +104,7 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
         config = CompressConfig(keep=keep, method=method, options=MethodOptions(**options), **settings)
         # the settings a row did not name are the defaults of its day: record them, for the tables
         row.update({k: getattr(config, k) for k in ("allocation", "order", "sequential", "dense_targets", "within_block",
-                                                    "resolve", "calib_samples", "calib_seq_len")})
+                                                    "resolve", "calib_samples", "calib_seq_len", "depth_tilt")})
         grads, grad_seconds = None, None
         if method in ("fwsvd", "gfwsvd") or config.allocation == "knapsack":
             grads, grad_seconds = demo_gradients(model, tokenizer, config)

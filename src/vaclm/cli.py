@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher-labels", default=CompressConfig.fisher_labels, choices=FISHER_LABELS,
                    help="gradient statistics from the text's next tokens (data: empirical Fisher) or from tokens "
                         "drawn from the model (model: true Fisher)")
+    c.add_argument("--depth-tilt", type=float, default=CompressConfig.depth_tilt,
+                   help="knapsack: weight block i's loss estimates by exp(TILT * i / (blocks - 1)); > 0 protects later blocks")
     c.add_argument("--rank-align", type=int, default=CompressConfig.rank_align)
     c.add_argument("--damping", type=float, default=MethodOptions.damping, help="relative damping of Gram matrices")
     c.add_argument("--cov-damping", type=float, default=MethodOptions.cov_damping,
@@ -183,6 +185,7 @@ def cmd_compress(args) -> dict:
         keep=args.keep, target_bytes=args.target_size, method=args.method, allocation=args.allocation, order=args.order,
         sequential=not args.one_shot, dense_targets=args.dense_targets, within_block=args.within_block, resolve=args.resolve, int8=args.int8,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, fisher_labels=args.fisher_labels,
+        depth_tilt=args.depth_tilt,
         batch_size=args.batch_size, seed=args.seed, rank_align=args.rank_align,
         options=MethodOptions(damping=args.damping, cov_damping=args.cov_damping, price_cov_damping=args.price_cov_damping, fisher_exponent=args.fisher_exponent,
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),

@@ -117,6 +117,10 @@ class CompressConfig:
     # from the model's own next-token distribution: the true Fisher, which equals the Gauss-Newton
     # curvature of the loss that the truncation errors are meant to estimate)
     fisher_labels: str = "data"
+    # knapsack: block i's loss estimates are weighted by exp(depth_tilt * i / (blocks - 1)) when the
+    # ranks are chosen; > 0 protects later blocks. The Kronecker-Fisher estimates of a one-shot
+    # truncation price early blocks too high relative to late ones on the demo model (README)
+    depth_tilt: float = 0.0
     batch_size: int = 4
     seed: int = 0
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -131,6 +135,8 @@ class CompressConfig:
             raise VaclmError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.order not in ORDERS:
             raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if not abs(self.depth_tilt) <= 20:
+            raise VaclmError(f"depth tilt must be a finite number in [-20, 20], got {self.depth_tilt}")
         if self.fisher_labels not in FISHER_LABELS:
             raise VaclmError(f"unknown Fisher labels {self.fisher_labels!r}; choose one of {', '.join(FISHER_LABELS)}")
         if self.target_bytes is not None and self.target_bytes <= 0:

@@ -50,6 +50,9 @@ class KnapsackPlan:
     cost: CostModel = PARAMETERS
     fixed: dict[str, int] = field(default_factory=dict)  # name -> chosen candidate index, final
     planned: dict[str, int] = field(default_factory=dict)  # the up-front solution, for the report
+    # name -> factor on its loss estimates when solving (depth_weights); absent: 1. The estimates
+    # themselves (and the report's estimated_loss) stay as the method measured them
+    weights: dict[str, float] = field(default_factory=dict)
 
     def solve(self, fresh: dict[str, Candidates] | None = None) -> dict[str, int | None]:
         """Re-price `fresh` matrices, solve over everything not yet fixed, fix `fresh`; their ranks."""
@@ -57,8 +60,8 @@ class KnapsackPlan:
         free = [n for n in self.options if n not in self.fixed]
         spent = sum(float(self.options[n].costs[j]) for n, j in self.fixed.items())
         try:
-            choice = solve_lagrangian([self.options[n].costs for n in free], [self.options[n].losses for n in free],
-                                      self.budget - spent)
+            choice = solve_lagrangian([self.options[n].costs for n in free],
+                                      [self.options[n].losses * self.weights.get(n, 1.0) for n in free], self.budget - spent)
         except ValueError as exc:
             raise VaclmError(f"the budget is below what the smallest ranks allow ({exc}); raise --keep") from exc
         picked = dict(zip(free, choice))
@@ -73,6 +76,12 @@ class KnapsackPlan:
     def table(self) -> dict[str, dict]:
         return {n: {"rank": c.ranks[j], "cost": float(c.costs[j]), "estimated_loss": float(c.losses[j])}
                 for n, c in self.options.items() for j in [self.fixed.get(n, self.planned.get(n))] if j is not None}
+
+
+def depth_weights(per_block: list[list[str]], tilt: float) -> dict[str, float]:
+    """exp(tilt * i / (blocks - 1)) for every matrix of block i (config.depth_tilt)."""
+    last = max(len(per_block) - 1, 1)
+    return {n: float(np.exp(tilt * i / last)) for i, names in enumerate(per_block) for n in names} if tilt else {}
 
 
 def cost_model(model, config) -> CostModel:
@@ -107,7 +116,8 @@ def knapsack_ranks(model, targets: Targets, method, calib, grads, config, device
             options[name] = priced(candidates(shapes[name], errors, method.loss_scale(weight, stats), config.rank_align),
                                    shapes[name], cost)
         runner.prune(set(range(i + 1, len(per_block))))
-    plan = KnapsackPlan(options, keep * sum(cost.dense(s) for s in shapes.values()), cost)
+    plan = KnapsackPlan(options, keep * sum(cost.dense(s) for s in shapes.values()), cost,
+                        weights=depth_weights(per_block, config.depth_tilt))
     ranks = plan.solve()
     plan.planned = {n: options[n].ranks.index(r) for n, r in ranks.items()}
     assert sum(float(options[n].costs[j]) for n, j in plan.planned.items()) <= plan.budget + 1e-6

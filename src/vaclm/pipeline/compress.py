@@ -31,7 +31,7 @@ from ..model.arch import get_submodule
 from ..model.blocks import BlockRunner
 from ..model.surgery import Targets, dense_weight, replace_with_lowrank
 from ..allocate.candidates import Candidates, candidates
-from .allocation import KnapsackPlan, cost_model, keep_for_target_bytes, knapsack_ranks, priced
+from .allocation import KnapsackPlan, cost_model, depth_weights, keep_for_target_bytes, knapsack_ranks, priced
 from .order import block_order
 from .dense_stream import DenseStream
 from .statistics import gradient_stats, input_stats
@@ -96,7 +96,7 @@ def compress_model(model, config: CompressConfig, calib: torch.Tensor, ranks: di
         if saved_options is not None:
             cost = cost_model(model, config)
             plan = KnapsackPlan(_candidates_from_json(saved_options), config.keep * sum(cost.dense(s) for s in shapes.values()),
-                                cost)
+                                cost, weights=depth_weights(per_block, config.depth_tilt))
     elif ranks is None and plan_knapsack:
         ranks, allocation, plan = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
     elif ranks is None:
