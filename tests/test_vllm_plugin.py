@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 
 def test_fused_vllm_linears_load_vaclm_tensors_and_match_the_dense_products():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(HERE / "vllm" / "layer_check.py")], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(HERE / "vllm_layer_check.py")], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
