@@ -6,7 +6,7 @@
 
 One-shot gfwsvd models (factor bank of the dense model, calibration 32 x 1024 of wiki.valid.raw):
 the knapsack is solved again with some estimates multiplied by a weight (one module type by 0.5
-or 2, or block i by exp(tilt * (i / (blocks - 1) - 0.5))), under the same budget, and each model is
+or 2, or block i by exp(tilt * i / (blocks - 1)), as --depth-tilt does), under the same budget, and each model is
 scored by KL from the dense model on 4 x 1024 held-out validation windows (not calibration: what
 a tuner may choose on) and by test PPL (here a window predicts its 1024 next tokens, so the
 figures sit a little off vaclm eval's). Writes bench/results/loss_weights.{json,md}.
@@ -26,20 +26,22 @@ from common import RESULTS, WIKI_TEST, WIKI_VALID, demo_gradients, write_results
 SEQ, SAMPLES, FIT_TOKENS, TEST_WINDOWS = 1024, 32, 4096, 16
 
 
-def candidates(mode: str, types: list[str], depth: dict[str, int], blocks: int, tilts: list[float]):
-    yield "base", lambda n: 1.0
+def candidates(mode: str, per_block: list[list[str]], tilts: list[float]):
+    """(label, {matrix: weight on its loss estimates}); absent matrices weigh 1."""
+    from vaclm.pipeline.allocation import depth_weights
+
+    yield "base", {}
     if mode == "types":
-        for ty in types:
+        for ty in sorted({n.split(".")[-1] for block in per_block for n in block}):
             for lam in (0.5, 2.0):
-                yield f"{ty} x{lam:g}", (lambda ty, lam: lambda n: lam if n.endswith(ty) else 1.0)(ty, lam)
+                yield f"{ty} x{lam:g}", {n: lam for block in per_block for n in block if n.endswith(ty)}
     for a in tilts:
-        yield f"depth tilt {a:+g}", (lambda a: lambda n: float(np.exp(a * (depth[n] / (blocks - 1) - 0.5))))(a)
+        yield f"depth tilt {a:+g}", depth_weights(per_block, a)
 
 
 def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     import vaclm
     import vaclm.api as api
-    from vaclm.allocate.knapsack import solve_lagrangian
     from vaclm.config import CompressConfig
     from vaclm.data.roles import fitness_split
     from vaclm.methods import build_method
@@ -47,6 +49,7 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     from vaclm.pipeline.allocation import knapsack_ranks
     from vaclm.search.bank import build_bank, set_ranks, sliced
     from vaclm.search.fitness import Reference, model_fitness
+    from vaclm.allocate.uniform import kept_fraction
 
     model, tok = vaclm.load("demo")
     config = CompressConfig(keep=keep, method="gfwsvd", allocation="knapsack", calib_samples=SAMPLES, calib_seq_len=SEQ)
@@ -58,9 +61,6 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     bank = build_bank(model, targets, method, calib, grads, config.rank_align, config.batch_size, "cpu", False)
     test = api._stream(str(WIKI_TEST), tok, "evaluation")[: TEST_WINDOWS * SEQ + 1]
     reference = Reference.compute(model, fit, 1024, False)
-    names = list(plan.options)
-    depth = {n: i for i, block in enumerate(targets.per_block) for n in block}
-    types = sorted({n.split(".")[-1] for n in names})
 
     def test_ppl(m) -> float:
         nll = 0.0
@@ -73,13 +73,12 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
 
     rows = []
     with sliced(model, bank) as modules:
-        for label, weight in candidates(mode, types, depth, len(targets.per_block), tilts):
+        for label, weights in candidates(mode, targets.per_block, tilts):
             start = time.time()
-            choice = solve_lagrangian([plan.options[n].costs for n in names],
-                                      [plan.options[n].losses * weight(n) for n in names], plan.budget)
-            set_ranks(modules, {n: plan.options[n].ranks[j] for n, j in zip(names, choice)})
-            spent = sum(plan.options[n].costs[j] for n, j in zip(names, choice))
-            rows.append({"keep": keep, "weights": label, "kept_fraction": keep * spent / plan.budget,
+            plan.weights = weights
+            ranks = plan.solve()
+            set_ranks(modules, ranks)
+            rows.append({"keep": keep, "weights": label, "kept_fraction": kept_fraction(targets.shapes, ranks),
                          "heldout_kl": model_fitness(model, fit, reference), "test_ppl": test_ppl(model),
                          "seconds": time.time() - start, "measured": time.strftime("%Y-%m-%d")})
             print(json.dumps(rows[-1]), flush=True)

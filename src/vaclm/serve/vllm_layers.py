@@ -169,26 +169,20 @@ class LowRankLinearMethod(LinearMethodBase):
             layer.register_parameter("weight", parameter((dense_out, input_size_per_partition), load_dense))
 
     def process_weights_after_loading(self, layer) -> None:
-        """Split a fused layer's block-diagonal up into one contiguous factor per low-rank shard."""
-        lowrank = [s for s in layer.vaclm_shards if s[0] == "lowrank"]
+        """Split a fused layer's block-diagonal up into one contiguous factor per low-rank shard:
+        layer.vaclm_parts, in output order, holds ("dense", row, out) or ("lowrank", offset, rank, up, bias)."""
         up, bias = layer.up.weight.data, layer.up.bias.data
-        layer.vaclm_ups = [(up[row:row + out, offset:offset + rank].contiguous(), bias[row:row + out].contiguous())
-                           for _, row, out, offset, rank in lowrank]
-        layer.vaclm_rank_slices = [(offset, rank) for _, _, _, offset, rank in lowrank]
-        if len(lowrank) > 1:
-            del layer.up  # its blocks now live in vaclm_ups
-        layer.vaclm_ranks_total = layer.down.weight.shape[0]
+        layer.vaclm_parts = [
+            (kind, row, out) if kind == "dense" else
+            (kind, offset, rank, up[row:row + out, offset:offset + rank].contiguous(), bias[row:row + out].contiguous())
+            for kind, row, out, offset, rank in layer.vaclm_shards]
+        if sum(kind == "lowrank" for kind, *_ in layer.vaclm_shards) > 1:
+            del layer.up  # its blocks now live in vaclm_parts (a single shard's up is already contiguous)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         inner = F.linear(x, layer.down.weight)  # all low-rank shards' downs in one matmul
-        lowrank = iter(zip(layer.vaclm_ups, layer.vaclm_rank_slices))
         dense = F.linear(x, layer.weight) if hasattr(layer, "weight") else None
-        parts = []
-        for kind, row, out, _, _ in layer.vaclm_shards:
-            if kind == "dense":
-                parts.append(dense.narrow(-1, row, out))
-            else:
-                (up, up_bias), (offset, rank) = next(lowrank)
-                parts.append(F.linear(inner.narrow(-1, offset, rank), up, up_bias))
+        parts = [dense.narrow(-1, part[1], part[2]) if part[0] == "dense" else
+                 F.linear(inner.narrow(-1, part[1], part[2]), part[3], part[4]) for part in layer.vaclm_parts]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if bias is None else y + bias
