@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loss_weights.py --keep 0.8 --mode types            # each type x0.5 / x2
     .venv/bin/python bench/loss_weights.py --keep 0.6 --mode depth --tilts -1 -0.5 0.5 1 1.5
+    .venv/bin/python bench/loss_weights.py --keep 0.6 --mode measured          # weights from measured KL
     .venv/bin/python bench/loss_weights.py --render                           # tables only
 
 One-shot gfwsvd models (factor bank of the dense model, calibration 32 x 1024 of wiki.valid.raw):
@@ -9,12 +10,17 @@ the knapsack is solved again with some estimates multiplied by a weight (one mod
 or 2, or block i by exp(tilt * i / (blocks - 1)), as --depth-tilt does), under the same budget, and each model is
 scored by KL from the dense model on 4 x 1024 held-out validation windows (not calibration: what
 a tuner may choose on) and by test PPL (here a window predicts its 1024 next tokens, so the
-figures sit a little off vaclm eval's). Writes bench/results/loss_weights.{json,md}.
+figures sit a little off vaclm eval's). Mode "measured" takes the weights from the model instead:
+each matrix compressed alone at its knapsack rank (all others dense), or each block alone, scored
+by KL on 2 x 1024 other validation windows; a matrix's weight is its measured KL over its estimate,
+divided by the median of that ratio (the square root of it too, a milder correction). Writes
+bench/results/loss_weights.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -23,7 +29,7 @@ import torch
 
 from common import RESULTS, WIKI_TEST, WIKI_VALID, demo_gradients, write_results
 
-SEQ, SAMPLES, FIT_TOKENS, TEST_WINDOWS = 1024, 32, 4096, 16
+SEQ, SAMPLES, FIT_TOKENS, TEST_WINDOWS, MEASURE_TOKENS = 1024, 32, 4096, 16, 2048
 
 
 def candidates(mode: str, per_block: list[list[str]], tilts: list[float]):
@@ -37,6 +43,23 @@ def candidates(mode: str, per_block: list[list[str]], tilts: list[float]):
                 yield f"{ty} x{lam:g}", {n: lam for block in per_block for n in block if n.endswith(ty)}
     for a in tilts:
         yield f"depth tilt {a:+g}", depth_weights(per_block, a)
+
+
+def measured(model, modules, plan, ranks, per_block, windows, reference):
+    """Weights from the KL of each matrix (and each block) compressed alone at its knapsack rank."""
+    from vaclm.search.bank import set_ranks
+    from vaclm.search.fitness import model_fitness
+
+    estimate = lambda n: float(plan.options[n].losses[plan.options[n].ranks.index(ranks[n])])
+    alone = lambda r: (set_ranks(modules, r), model_fitness(model, windows, reference))[1]
+    single = {n: alone({n: r}) / max(estimate(n), 1e-30) for n, r in ranks.items() if r is not None}
+    block = [alone({n: ranks[n] for n in names}) / max(sum(estimate(n) for n in names if n in single), 1e-30)
+             for names in per_block]
+    median, block_median = float(np.median(list(single.values()))), float(np.median(block))
+    ratio = {n: single.get(n, median) / median for n in ranks}
+    yield "measured per matrix", ratio
+    yield "measured per matrix, sqrt", {n: v ** 0.5 for n, v in ratio.items()}
+    yield "measured per block", {n: block[i] / block_median for i, names in enumerate(per_block) for n in names}
 
 
 def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
@@ -54,7 +77,9 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     model, tok = vaclm.load("demo")
     config = CompressConfig(keep=keep, method="gfwsvd", allocation="knapsack", calib_samples=SAMPLES, calib_seq_len=SEQ)
     grads, _ = demo_gradients(model, tok, config)
-    calib, fit = fitness_split(api._stream(str(WIKI_VALID), tok, "calibration"), SAMPLES, SEQ, 0, FIT_TOKENS)
+    calib, fit = fitness_split(api._stream(str(WIKI_VALID), tok, "calibration"), SAMPLES, SEQ, 0, FIT_TOKENS,
+                               extra_tokens=MEASURE_TOKENS)
+    fit, probe = fit[: FIT_TOKENS // SEQ], fit[FIT_TOKENS // SEQ:]  # held-out scoring / measuring the weights
     targets = Targets.of(model)
     method = build_method("gfwsvd", config.options)
     _, _, plan = knapsack_ranks(model, targets, method, calib, grads, config, "cpu", False)
@@ -71,9 +96,14 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
                 nll += float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum"))
         return float(np.exp(nll / (TEST_WINDOWS * SEQ)))
 
-    rows = []
+    rows, weightings = [], list(candidates(mode, targets.per_block, tilts))
+    if mode == "measured":  # measured on a bfloat16 copy, as the search scores (vaclm.search.fitness)
+        fast = copy.deepcopy(model).to(torch.bfloat16)
+        with sliced(fast, bank) as modules:
+            weightings += list(measured(fast, modules, plan, plan.solve(), targets.per_block, probe,
+                                        Reference.compute(model, probe, 1024, False)))
     with sliced(model, bank) as modules:
-        for label, weights in candidates(mode, targets.per_block, tilts):
+        for label, weights in weightings:
             start = time.time()
             plan.weights = weights
             ranks = plan.solve()
@@ -95,7 +125,7 @@ def render(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--keep", type=float, default=0.8)
-    p.add_argument("--mode", choices=("types", "depth"), default="depth")
+    p.add_argument("--mode", choices=("types", "depth", "measured"), default="depth")
     p.add_argument("--tilts", nargs="*", type=float, default=[-1.0, 1.0])
     p.add_argument("--render", action="store_true", help="only re-render the table from the JSON")
     args = p.parse_args()

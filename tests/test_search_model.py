@@ -85,6 +85,38 @@ def test_kl_reference_exact_coarsened_and_zero_for_the_dense_model():
     assert 0 < coarse[0] < coarse[1] < full  # coarsening lower-bounds the KL, tighter with more outcomes
 
 
+def test_bfloat16_scoring_tracks_float32_and_leaves_the_dense_model_exact():
+    """--search-dtype bfloat16 scores a bf16 copy: close to the float32 scores, the same ranking of
+    clearly different genomes, and the dense model keeps its float32 weights bit for bit."""
+    from vaclm.allocate.candidates import rank_grid
+    from vaclm.search.backends import InProcess
+    from vaclm.search.bank import max_ranks
+    from vaclm.search.engine import Genome
+    from vaclm.search.fitness import FitnessSpec, Reference, search_dtype
+
+    model, targets, calib, method, grads, bank = bank_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = list(targets.shapes)
+    choices = [rank_grid(targets.shapes[n], 8) + [None] for n in names]
+    windows = token_batch(6, 32, seed=3)
+    reference = Reference.compute(model, windows, VOCAB, progress=False)
+    genomes = [Genome(tuple(min(k, len(c) - 1) for c in choices)) for k in range(4)]  # rank 8, 16, ... per matrix
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = FitnessSpec(model, names, choices, windows, reference, [2, 6], seed=0, banks={0: bank},
+                           top=max_ranks(targets.shapes, 8), dtype=dtype)
+        backend = InProcess(spec)
+        assert next(backend.evaluator.model.parameters()).dtype == getattr(torch, dtype)
+        scores[dtype] = backend(genomes, 1, 0)
+        backend.close()
+    assert scores["bfloat16"] == pytest.approx(scores["float32"], rel=0.05)
+    assert sorted(range(4), key=scores["bfloat16"].__getitem__) == sorted(range(4), key=scores["float32"].__getitem__)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert search_dtype("auto", model.to(torch.float16)) == torch.float16  # non-float32 models: their own dtype
+    with pytest.raises(VaclmError, match="search dtype must be one of auto, float32"):
+        SearchOptions(generations=1, dtype="int8")
+
+
 def test_fitness_windows_are_disjoint_from_calibration_by_position():
     from vaclm.data.roles import fitness_split
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ALLOCATIONS, FISHER_LABELS, METHODS, ORDERS, CompressConfig, MethodOptions, SearchOptions
+from .config import ALLOCATIONS, FISHER_LABELS, METHODS, ORDERS, CompressConfig, MethodOptions, SEARCH_DTYPES, SearchOptions
 from .errors import VaclmError
 from .recovery.config import HealConfig
 
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens each selection stage scores, e.g. 2048,8192")
     s.add_argument("--search-exponent", action="store_true", help="also search the Fisher exponent (fwsvd)")
     s.add_argument("--search-order", action="store_true", help="materialise the winner in every block order too; the held-out fitness windows choose")
+    s.add_argument("--search-dtype", choices=SEARCH_DTYPES, default=SearchOptions.dtype,
+                   help="dtype of the candidates' forward passes (auto: bfloat16 for a float32 model where it is fast)")
     s.add_argument("--workers", default=None, help="score offspring on Ray: N local workers, or ray://host:port")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -191,7 +193,8 @@ def cmd_compress(args) -> dict:
                               fisher_mode=args.fisher_mode, asvd_alpha=args.asvd_alpha),
         search=SearchOptions(generations=args.generations, time_limit=args.time_limit, offspring=args.offspring,
                              survivors=args.survivors, fitness_tokens=args.fitness_tokens,
-                             search_exponent=args.search_exponent, search_order=args.search_order),
+                             search_exponent=args.search_exponent, search_order=args.search_order,
+                             dtype=args.search_dtype),
     )
     from .search.backends import parse_workers
 

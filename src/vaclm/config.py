@@ -51,6 +51,9 @@ class MethodOptions:
             raise VaclmError(f"scale clamp must be >= 1, got {self.scale_clamp}")
 
 
+SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """`--allocation evolve`: the evolutionary search that starts from the knapsack solution."""
@@ -65,6 +68,10 @@ class SearchOptions:
     exponents: tuple[float, ...] = (0.25, 1.0 / 3.0, 0.5, 0.75, 1.0)
     search_order: bool = False  # materialise the winner in every block order, keep the best
     kl_top_k: int = 1024  # dense log-probs kept per token for the KL (the rest is one tail outcome)
+    # candidates' forward passes: "auto" is bfloat16 for a float32 model where the device computes it
+    # fast (CUDA, CPUs with AVX512-BF16/AMX), else the model's dtype. The dense reference and the
+    # final choice stay in the model's dtype.
+    dtype: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "survivors", tuple(int(v) for v in self.survivors))
@@ -81,6 +88,8 @@ class SearchOptions:
             raise VaclmError(f"survivors must fall stage by stage to 1 and start at most at --offspring, got {self.survivors}")
         if min(self.fitness_tokens) < 1 or list(self.fitness_tokens) != sorted(self.fitness_tokens):
             raise VaclmError(f"fitness tokens must be positive and grow stage by stage, got {self.fitness_tokens}")
+        if self.dtype not in SEARCH_DTYPES:
+            raise VaclmError(f"search dtype must be one of {', '.join(SEARCH_DTYPES)}, got {self.dtype!r}")
         if self.offspring < 1 or self.max_moves < 1 or self.kl_top_k < 1:
             raise VaclmError("offspring, max moves and KL top-k must be >= 1")
 

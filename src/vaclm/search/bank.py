@@ -78,7 +78,6 @@ class SlicedLowRank(nn.Module):
         self.dense = dense
         self.up_t, self.down = up_t, down  # plain attributes: not parameters, never copied by .to()
         self.bias = dense_weight(dense)[1]
-        self.dense_device = dense_weight(dense)[0].device
         self.rank: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +91,12 @@ class SlicedLowRank(nn.Module):
 def sliced(model: nn.Module, bank: Factors):
     """Swap every banked target for a SlicedLowRank (all dense at first); restore the originals after."""
     originals = {name: get_submodule(model, name) for name in bank}
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     modules = {}
     try:
         for name, module in originals.items():
             up_t, down = bank[name]
-            modules[name] = SlicedLowRank(module, up_t.to(device), down.to(device))
+            modules[name] = SlicedLowRank(module, up_t.to(param.device, param.dtype), down.to(param.device, param.dtype))
             set_submodule(model, name, modules[name])
         yield modules
     finally:
@@ -108,8 +107,9 @@ def sliced(model: nn.Module, bank: Factors):
 def set_factors(modules: dict[str, SlicedLowRank], bank: Factors) -> None:
     """Point the modules at another bank (e.g. the factors of another Fisher exponent)."""
     for name, module in modules.items():
-        device = module.dense_device
-        module.up_t, module.down = bank[name][0].to(device), bank[name][1].to(device)
+        weight = dense_weight(module.dense)[0]
+        module.up_t, module.down = (bank[name][0].to(weight.device, weight.dtype),
+                                    bank[name][1].to(weight.device, weight.dtype))
 
 
 def set_ranks(modules: dict[str, SlicedLowRank], ranks: dict[str, int | None]) -> None:

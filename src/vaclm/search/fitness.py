@@ -14,6 +14,7 @@ Everything it needs travels in a `FitnessSpec`, so a Ray worker builds the same 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -38,27 +39,45 @@ class Reference:
     def compute(cls, model: nn.Module, windows: torch.Tensor, top_k: int, progress: bool = True) -> "Reference":
         device = next(model.parameters()).device
         parts = []
-        for w in tqdm(windows, desc="search: dense logits", disable=not progress, unit="window"):
-            logp = torch.log_softmax(model(input_ids=w[None].to(device), use_cache=False).logits[0].float(), -1)
-            k = min(top_k, logp.shape[-1])
-            values, indices = logp.topk(k, dim=-1)
-            tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)) if k < logp.shape[-1] else \
-                torch.full(values.shape[:-1], -torch.inf, device=values.device)
-            const = (values.exp() * values).sum(-1) + torch.where(tail > -torch.inf, tail.exp() * tail, 0.0)
-            parts.append((indices.int().cpu(), values.cpu(), tail.cpu(), const.cpu()))
+        batches = list(window_batches(windows.shape))
+        for batch in tqdm(batches, desc="search: dense logits", disable=not progress, unit="batch"):
+            logits = model(input_ids=windows[batch].to(device), use_cache=False).logits
+            for row in logits:
+                logp = torch.log_softmax(row.float(), -1)
+                k = min(top_k, logp.shape[-1])
+                values, indices = logp.topk(k, dim=-1)
+                tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)) if k < logp.shape[-1] else \
+                    torch.full(values.shape[:-1], -torch.inf, device=values.device)
+                const = (values.exp() * values).sum(-1) + torch.where(tail > -torch.inf, tail.exp() * tail, 0.0)
+                parts.append((indices.int().cpu(), values.cpu(), tail.cpu(), const.cpu()))
         return cls(*(torch.stack(p) for p in zip(*parts)))
 
     def kl(self, window: int, logits: torch.Tensor) -> torch.Tensor:
-        """Per-token KL(dense || candidate) of one window, from the candidate's logits (L x vocab)."""
+        """Per-token KL(dense || candidate) of one window, from the candidate's logits (L x vocab).
+
+        One pass over the vocabulary (log-normaliser, then a gather): the candidate's mass outside
+        the dense top k is 1 - its mass inside, floored at 1e-7 (float32 rounding), which is where
+        this differs from the exact coarsened KL, by at most the dense tail mass times log(1e-7 / q_tail)."""
         dev = logits.device
-        logq = torch.log_softmax(logits.float(), -1)
-        idx = self.indices[window].to(dev).long()
-        cross = (self.logp[window].to(dev).exp() * logq.gather(-1, idx)).sum(-1)
+        logits = logits.float()
+        logq = logits.gather(-1, self.indices[window].to(dev).long()) - torch.logsumexp(logits, -1, keepdim=True)
+        cross = (self.logp[window].to(dev).exp() * logq).sum(-1)
         tail = self.tail[window].to(dev)
-        if torch.isfinite(tail).any():  # the candidate's mass outside the dense top k
-            logq_tail = torch.logsumexp(logq.scatter(-1, idx, -torch.inf), -1)
+        if torch.isfinite(tail).any():
+            logq_tail = torch.log1p(-logq.exp().sum(-1).clamp(max=1 - 1e-7))
             cross = cross + torch.where(tail > -torch.inf, tail.exp() * logq_tail, 0.0)
         return self.const[window].to(dev) - cross
+
+
+BATCH_TOKENS = 2048  # tokens per forward pass when scoring (windows batched; logits of 2048 x 49k in bf16: 200 MB)
+
+
+def window_batches(shape, subset: list[int] | None = None):
+    """Lists of window indices, about BATCH_TOKENS tokens each: batched forwards are about 2x faster on CPU."""
+    rows = list(range(shape[0])) if subset is None else list(subset)
+    size = max(1, BATCH_TOKENS // shape[1])
+    for k in range(0, len(rows), size):
+        yield rows[k: k + size]
 
 
 @dataclass
@@ -78,6 +97,7 @@ class FitnessSpec:
     options: MethodOptions = field(default_factory=MethodOptions)
     gradients: dict = field(default_factory=dict)  # what those banks need (Fisher sums)
     top: dict[str, int] = field(default_factory=dict)  # largest rank of each banked target
+    dtype: str = "auto"  # what candidates are scored in (search_dtype)
 
     def ranks(self, genome: Genome) -> dict[str, int | None]:
         return {n: c[j] for n, c, j in zip(self.names, self.choices, genome.levels)}
@@ -95,7 +115,10 @@ class Evaluator:
 
     def __init__(self, spec: FitnessSpec, device: str | None = None, progress: bool = False):
         self.spec = spec
-        self.model = spec.model if device is None else spec.model.to(device)
+        model = spec.model if device is None else spec.model.to(device)
+        self.dtype = search_dtype(spec.dtype, model)
+        # another dtype scores a copy (the dense model's weights must stay exact for the final choice)
+        self.model = model if self.dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(self.dtype)
         self.banks = dict(spec.banks)
         self.exponent = min(self.banks) if self.banks else 0
         self._stack = contextlib.ExitStack()
@@ -109,7 +132,7 @@ class Evaluator:
             s = self.spec
             method = build_method(s.method, replace(s.options, fisher_exponent=s.exponents[index]))
             dense = {n: getattr(m, "dense", m) for n, m in
-                     ((n, self.model.get_submodule(n)) for n in s.top)}
+                     ((n, s.model.get_submodule(n)) for n in s.top)}
             self.banks[index] = bank_from_weights(dense, method, s.gradients, s.top, progress=self.progress)
         return self.banks[index]
 
@@ -137,7 +160,28 @@ def model_fitness(model: nn.Module, windows: torch.Tensor, reference: Reference,
     also how a materialised model is scored, comparably with the search's scores."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for w in range(windows.shape[0]) if subset is None else subset:
-        kl = reference.kl(w, model(input_ids=windows[w][None].to(device), use_cache=False).logits[0])
-        total, count = total + float(kl.double().sum()), count + kl.numel()
+    for batch in window_batches(windows.shape, subset):
+        logits = model(input_ids=windows[batch].to(device), use_cache=False).logits
+        for w, row in zip(batch, logits):
+            kl = reference.kl(w, row)
+            total, count = total + float(kl.double().sum()), count + kl.numel()
     return total / count
+
+
+def search_dtype(name: str, model: nn.Module) -> torch.dtype:
+    """The dtype candidates are scored in: `name`, or for "auto" bfloat16 when the model is float32
+    and its device has fast bfloat16 matmuls, else the model's own dtype."""
+    own = next(model.parameters()).dtype
+    if name != "auto":
+        return getattr(torch, name)
+    if own != torch.float32:
+        return own
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            fast = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            fast = False
+    return torch.bfloat16 if fast else own
