@@ -56,7 +56,7 @@ def worker(args) -> dict:
     return {
         "keep": args.keep, "time_limit": args.time_limit, "generations": s["generations"],
         "search_seconds": round(s["search_seconds"], 1), "total_seconds": round(seconds, 1), "threads": args.threads,
-        "workers": s["workers"], "search_dtype": s.get("dtype"), "offspring": args.offspring, "survivors": args.survivors,
+        "workers": s["workers"], "search_dtype": s["dtype"], "offspring": args.offspring, "survivors": args.survivors,
         "fitness_tokens": args.fitness_tokens, "knapsack_kept_fraction": knapsack.kept_fraction,
         "evolved_kept_fraction": result.kept_fraction, "knapsack_fitness": s["start_fitness"],
         "evolved_fitness": s["final_fitness"], "materialised": s["materialised"], "chosen": s["chosen"],

@@ -51,7 +51,11 @@ def measured(model, modules, plan, ranks, per_block, windows, reference):
     from vaclm.search.fitness import model_fitness
 
     estimate = lambda n: float(plan.options[n].losses[plan.options[n].ranks.index(ranks[n])])
-    alone = lambda r: (set_ranks(modules, r), model_fitness(model, windows, reference))[1]
+
+    def alone(compressed: dict) -> float:  # KL with only these matrices compressed
+        set_ranks(modules, compressed)
+        return model_fitness(model, windows, reference)
+
     single = {n: alone({n: r}) / max(estimate(n), 1e-30) for n, r in ranks.items() if r is not None}
     block = [alone({n: ranks[n] for n in names}) / max(sum(estimate(n) for n in names if n in single), 1e-30)
              for names in per_block]
@@ -71,7 +75,7 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     from vaclm.model.surgery import Targets
     from vaclm.pipeline.allocation import knapsack_ranks
     from vaclm.search.bank import build_bank, set_ranks, sliced
-    from vaclm.search.fitness import Reference, model_fitness
+    from vaclm.search.fitness import Reference, model_fitness, search_dtype
     from vaclm.allocate.uniform import kept_fraction
 
     model, tok = vaclm.load("demo")
@@ -97,8 +101,8 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
         return float(np.exp(nll / (TEST_WINDOWS * SEQ)))
 
     rows, weightings = [], list(candidates(mode, targets.per_block, tilts))
-    if mode == "measured":  # measured on a bfloat16 copy, as the search scores (vaclm.search.fitness)
-        fast = copy.deepcopy(model).to(torch.bfloat16)
+    if mode == "measured":  # measured on a copy in the dtype the search scores in
+        fast = copy.deepcopy(model).to(search_dtype("auto", model))
         with sliced(fast, bank) as modules:
             weightings += list(measured(fast, modules, plan, plan.solve(), targets.per_block, probe,
                                         Reference.compute(model, probe, 1024, False)))

@@ -38,7 +38,7 @@ from ..model.surgery import Targets, replace_with_lowrank
 from ..search.backends import make_backend
 from ..search.bank import bank_from_weights, build_bank, max_ranks
 from ..search.engine import Evolution, Genome, Settings, Space
-from ..search.fitness import FitnessSpec, Reference, model_fitness, search_dtype
+from ..search.fitness import FitnessSpec, Reference, model_fitness
 from .allocation import keep_for_target_bytes, knapsack_ranks
 from .compress import CompressionResult, _gradients, check_finite, compress_model
 
@@ -152,7 +152,7 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
     result.search = {
         "title": f"{config.method}, keep {config.keep:.3f}: KL on {windows.numel()} fitness tokens",
         "generations": evo.generation, "search_seconds": evo.elapsed, "workers": getattr(backend, "workers", 1),
-        "dtype": str(search_dtype(search.dtype, model)).removeprefix("torch."),
+        "dtype": getattr(backend, "dtype", search.dtype),  # Ray workers resolve "auto" on their own devices
         "start_fitness": evo.history[0]["fitness"], "final_fitness": evo.parent_fitness,
         "start_kept_fraction": start_kept, "kept_fraction": result.kept_fraction,
         "fitness_windows": list(windows.shape), "stage_windows": per_stage, "exponent": exponent,

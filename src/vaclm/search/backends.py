@@ -23,6 +23,7 @@ class InProcess:
     def __init__(self, spec: FitnessSpec, device: str | None = None, progress: bool = False):
         self.evaluator = Evaluator(spec, device, progress)
         self.workers = 1
+        self.dtype = str(self.evaluator.dtype).removeprefix("torch.")  # what "auto" resolved to
 
     def __call__(self, genomes: list[Genome], stage: int, generation: int) -> list[float]:
         return self.evaluator(genomes, stage, generation)
