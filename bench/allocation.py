@@ -15,19 +15,13 @@ from pathlib import Path
 
 from common import RESULTS, compress_and_eval, method_label, run_worker, write_results
 
-SETTINGS = [  # dense_targets False: each matrix fitted to its own weight on the real inputs
-    {"allocation": "uniform", "order": "front-to-back", "sequential": True, "dense_targets": False},
+SETTINGS = [  # rows with dense_targets / within_block / resolve in allocation.json come from options since removed
+    {"allocation": "uniform", "order": "front-to-back", "sequential": True},
     {"allocation": "uniform", "order": "front-to-back", "sequential": False},
-    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "dense_targets": False},
+    {"allocation": "knapsack", "order": "front-to-back", "sequential": True},
     {"allocation": "knapsack", "order": "front-to-back", "sequential": False},
-    {"allocation": "knapsack", "order": "middle-out", "sequential": True, "dense_targets": False},
-    {"allocation": "knapsack", "order": "back-to-front", "sequential": True, "dense_targets": False},
-    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "within_block": True, "dense_targets": False},
-    # fitted to the dense model's outputs (--dense-targets; measured worse, off by default)
-    {"allocation": "knapsack", "order": "front-to-back", "sequential": True, "dense_targets": True},
-    {"allocation": "knapsack", "order": "middle-out", "sequential": True, "dense_targets": True},
-    {"allocation": "knapsack", "order": "back-to-front", "sequential": True, "dense_targets": True},
-    {"allocation": "uniform", "order": "front-to-back", "sequential": True, "dense_targets": True},
+    {"allocation": "knapsack", "order": "middle-out", "sequential": True},
+    {"allocation": "knapsack", "order": "back-to-front", "sequential": True},
 ]
 
 
@@ -39,7 +33,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", type=int, default=list(range(len(SETTINGS))),
                    help="indices into SETTINGS")
     p.add_argument("--runs", nargs="+", default=None, help="explicit KEEP:SETTING pairs, e.g. 0.6:2 0.8:2")
-    p.add_argument("--options", default="{}", help="MethodOptions overrides as JSON, e.g. '{\"cov_damping\": 0.01}'")
+    p.add_argument("--options", default="{}", help="method option overrides as JSON, e.g. '{\"cov_damping\": 0.01}'")
     p.add_argument("--merge", action="store_true", help="add to the existing results (replacing equal settings)")
     p.add_argument("--add", nargs="+", default=None, help="merge rows a worker printed (JSON files) into the results")
     args = p.parse_args()

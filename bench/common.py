@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vaclm.data.text import bundled_path
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-WIKI_VALID = DATA / "wikitext-2-raw" / "wiki.valid.raw"
-WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_VALID = bundled_path("wikitext2", "calibration")  # the copies vaclm ships: the CLI's defaults
+WIKI_TEST = bundled_path("wikitext2", "evaluation")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -48,7 +49,7 @@ def settings_label(settings: dict) -> str:
 
 
 def method_label(row: dict) -> str:
-    """The method and the MethodOptions a row overrode (none: the defaults of its `measured` day)."""
+    """The method and the method options a row overrode (none: the defaults of its `measured` day)."""
     return row["method"] + "".join(f" {k}={v:.3g}" if isinstance(v, float) else f" {k}={v}"
                                    for k, v in row.get("options", {}).items())
 
@@ -67,7 +68,7 @@ def demo_gradients(model, tokenizer, config):
     import vaclm.api as api
     from vaclm.io.checkpoint import load_gradients, save_gradients
     from vaclm.model.arch import get_submodule, spec_for, target_names
-    from vaclm.pipeline.statistics import gradient_stats
+    from vaclm.model.statistics import gradient_stats
 
     labels = "" if config.fisher_labels == "data" else f"-{config.fisher_labels}"
     path = CACHE / f"grads-{config.calib_samples}x{config.calib_seq_len}-s{config.seed}{labels}.safetensors"
@@ -92,7 +93,7 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
     import torch
 
     import vaclm
-    from vaclm.config import CompressConfig, MethodOptions
+    from vaclm.config import CompressConfig
 
     options = settings.pop("options", {})
     save = settings.pop("save", None)  # also write the compressed folder here (for heal / speed / zero-shot)
@@ -101,10 +102,10 @@ def compress_and_eval(method: str, keep: float, **settings) -> dict:
     if method == "dense":
         row.update(kept_fraction=1.0, compress_seconds=0.0)
     else:
-        config = CompressConfig(keep=keep, method=method, options=MethodOptions(**options), **settings)
+        config = CompressConfig(keep=keep, method=method, options=dict(options), **settings)
         # the settings a row did not name are the defaults of its day: record them, for the tables
-        row.update({k: getattr(config, k) for k in ("allocation", "order", "sequential", "dense_targets", "within_block",
-                                                    "resolve", "calib_samples", "calib_seq_len", "depth_tilt")})
+        row.update({k: getattr(config, k) for k in ("allocation", "order", "sequential", "calib_samples", "calib_seq_len",
+                                                    "depth_tilt")})
         grads, grad_seconds = None, None
         if method in ("fwsvd", "gfwsvd") or config.allocation == "knapsack":
             grads, grad_seconds = demo_gradients(model, tokenizer, config)

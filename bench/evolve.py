@@ -90,8 +90,7 @@ def main() -> None:
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--survivors", type=int, nargs="+", default=[2, 1])
     p.add_argument("--fitness-tokens", type=int, nargs="+", default=[2048, 8192],
-                   help="per stage (the library default); 512 / 2048 was fitted by the search: 3%% lower KL there, "
-                        "no better on test")
+                   help="per stage (the library default; docs/results.md compares smaller ones)")
     p.add_argument("--search-order", action="store_true")
     p.add_argument("--workers", default=None)
     p.add_argument("--threads", type=int, default=2)

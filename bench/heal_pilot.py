@@ -5,9 +5,10 @@
 
 Each pilot trains on `--tokens` (default 24576: 12 steps of 4 x 512) of wiki.valid.raw and
 validates on 4096 held-out tokens at the start and the end only, so two pilots fit in the time of
-one full healing run's first sixth; they rank settings (learning rate, accumulation) before a full
-run is spent on one. Rows go into bench/results/heal_pilots.{json,md} (equal folder, tokens and
-settings replace the old row).
+one full healing run's first sixth; they rank settings (learning rate, accumulation, loss terms)
+before a full run is spent on one. Rows go into bench/results/heal_pilots.{json,md} (equal folder,
+tokens and settings replace the old row). The rows with hidden_weight and train_norms are of
+options since removed (no better than the defaults); they cannot be re-run.
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        new = [run(args.folder, args.tokens, json.loads(args.settings))]
+        settings = json.loads(args.settings)
+        from vaclm.recovery.config import REMOVED_IN_V2
+
+        if removed := sorted(set(settings) & set(REMOVED_IN_V2)):
+            p.error(f"{', '.join(removed)}: removed from HealConfig after these pilots (docs/results.md)")
+        new = [run(args.folder, args.tokens, settings)]
         print(json.dumps(new[0]), flush=True)
     rows = merge_rows("heal_pilots", new, row_key)
     write_results("heal_pilots", rows, render(rows))

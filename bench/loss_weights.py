@@ -34,7 +34,7 @@ SEQ, SAMPLES, FIT_TOKENS, TEST_WINDOWS, MEASURE_TOKENS = 1024, 32, 4096, 16, 204
 
 def candidates(mode: str, per_block: list[list[str]], tilts: list[float]):
     """(label, {matrix: weight on its loss estimates}); absent matrices weigh 1."""
-    from vaclm.pipeline.allocation import depth_weights
+    from vaclm.pipeline.knapsack import depth_weights
 
     yield "base", {}
     if mode == "types":
@@ -73,7 +73,7 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     from vaclm.data.roles import fitness_split
     from vaclm.methods import build_method
     from vaclm.model.surgery import Targets
-    from vaclm.pipeline.allocation import knapsack_ranks
+    from vaclm.pipeline.knapsack import knapsack_ranks
     from vaclm.search.bank import build_bank, set_ranks, sliced
     from vaclm.search.fitness import Reference, model_fitness, search_dtype
     from vaclm.allocate.uniform import kept_fraction
@@ -81,14 +81,14 @@ def run(keep: float, mode: str, tilts: list[float]) -> list[dict]:
     model, tok = vaclm.load("demo")
     config = CompressConfig(keep=keep, method="gfwsvd", allocation="knapsack", calib_samples=SAMPLES, calib_seq_len=SEQ)
     grads, _ = demo_gradients(model, tok, config)
-    calib, fit = fitness_split(api._stream(str(WIKI_VALID), tok, "calibration"), SAMPLES, SEQ, 0, FIT_TOKENS,
+    calib, fit = fitness_split(api.token_stream(str(WIKI_VALID), tok, "calibration"), SAMPLES, SEQ, 0, FIT_TOKENS,
                                extra_tokens=MEASURE_TOKENS)
     fit, probe = fit[: FIT_TOKENS // SEQ], fit[FIT_TOKENS // SEQ:]  # held-out scoring / measuring the weights
     targets = Targets.of(model)
     method = build_method("gfwsvd", config.options)
     _, _, plan = knapsack_ranks(model, targets, method, calib, grads, config, "cpu", False)
     bank = build_bank(model, targets, method, calib, grads, config.rank_align, config.batch_size, "cpu", False)
-    test = api._stream(str(WIKI_TEST), tok, "evaluation")[: TEST_WINDOWS * SEQ + 1]
+    test = api.token_stream(str(WIKI_TEST), tok, "evaluation")[: TEST_WINDOWS * SEQ + 1]
     reference = Reference.compute(model, fit, 1024, False)
 
     def test_ppl(m) -> float:

@@ -60,10 +60,8 @@ def main() -> None:
         return
     rows = [] if args.no_dense else [run_worker(__file__, ["dense", "1.0"])]
     runs = [(m, k, {}) for m in args.methods for k in args.keeps]
-    if "fwsvd" in args.methods:  # VAC's exponent against FWSVD's, and VAC's row+column scaling
-        runs += [("fwsvd", 0.8, {"options": {"fisher_exponent": 0.5}}),
-                 ("fwsvd", 0.8, {"options": {"fisher_mode": "rows"}}),
-                 ("fwsvd", 0.8, {"options": {"fisher_mode": "rows", "fisher_exponent": 0.5}})]
+    if "fwsvd" in args.methods:  # VAC's exponent against FWSVD's (rows-only rows: an option since removed)
+        runs += [("fwsvd", 0.8, {"options": {"fisher_exponent": 0.5}})]
     for method, keep, extra in runs:
         rows.append(run_worker(__file__, [method, str(keep), json.dumps(extra)]))
         print(rows[-1], flush=True)

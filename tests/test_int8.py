@@ -15,7 +15,7 @@ from vaclm.allocate.costs import PARAMETERS, int8_bytes
 from vaclm.config import CompressConfig
 from vaclm.errors import VaclmError
 from vaclm.model.int8_lowrank import Int8Linear, Int8LowRankLinear, dequantize_rows, int8_matmul, quantize_rows
-from vaclm.model.loading import load_model
+from vaclm.io.loading import load_model
 from vaclm.model.lowrank import LowRankLinear
 
 from conftest import WIKI_VALID, VOCAB, svd_llm_config, tiny_model, token_batch

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from vaclm.config import MethodOptions
 from vaclm.linalg.stats import GradientStats, InputStats
 from vaclm.methods import LayerStats, build_method
 
@@ -28,7 +27,8 @@ METHODS = ["svd", "svd-llm", "asvd", "fwsvd", "gfwsvd"]
 def test_full_rank_rebuilds_weight_and_errors_decrease(name):
     stats, _ = make_stats()
     w = torch.randn(OUT, IN, dtype=torch.float64)
-    f = build_method(name, MethodOptions(damping=0.0 if name != "fwsvd" else 1e-6)).factorize(w, stats, IN)
+    method = build_method(name, damping=0.0) if name in ("svd-llm", "gfwsvd") else build_method(name)
+    f = method.factorize(w, stats, IN)
     assert torch.allclose(f.up @ f.down, w, atol=1e-7)
     assert f.errors.shape == (IN + 1,)
     assert torch.all(f.errors[:-1] >= f.errors[1:] - 1e-12) and f.errors[-1].abs() < 1e-9
@@ -44,9 +44,8 @@ def activation_error(w, up, down, x):
 def test_whitened_error_not_above_plain_svd_in_activation_norm(rank):
     stats, x = make_stats()
     w = torch.randn(OUT, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-    opts = MethodOptions(damping=0.0)
-    plain = build_method("svd", opts).factorize(w, stats, rank).at_rank(rank)
-    white = build_method("svd-llm", opts).factorize(w, stats, rank)
+    plain = build_method("svd").factorize(w, stats, rank).at_rank(rank)
+    white = build_method("svd-llm", damping=0.0).factorize(w, stats, rank)
     assert activation_error(w, *white.at_rank(rank), x) <= activation_error(w, *plain, x) * (1 + 1e-9)
     # and svd-llm's reported error is the mean activation error it minimises; the Gram matrix is
     # summed from float32 products, so the match holds to float32 precision of the total energy
@@ -59,9 +58,8 @@ def test_gfwsvd_with_identity_gradient_covariance_is_svd_llm():
     stats, _ = make_stats()
     stats.gradients.cov = torch.eye(OUT, dtype=torch.float64) * stats.gradients.tokens
     w = torch.randn(OUT, IN, dtype=torch.float64)
-    opts = MethodOptions(damping=1e-6)
-    a = build_method("gfwsvd", opts).factorize(w, stats, 6)
-    b = build_method("svd-llm", opts).factorize(w, stats, 6)
+    a = build_method("gfwsvd", damping=1e-6).factorize(w, stats, 6)
+    b = build_method("svd-llm", damping=1e-6).factorize(w, stats, 6)
     for r in (1, 3, 6):
         assert torch.allclose(a.at_rank(r)[0] @ a.at_rank(r)[1], b.at_rank(r)[0] @ b.at_rank(r)[1], atol=1e-8)
     assert torch.allclose(a.errors, b.errors, rtol=1e-6)
@@ -70,42 +68,25 @@ def test_gfwsvd_with_identity_gradient_covariance_is_svd_llm():
 def test_gfwsvd_error_is_the_kronecker_fisher_quadratic_form():
     stats, _ = make_stats()
     w = torch.randn(OUT, IN, dtype=torch.float64)
-    f = build_method("gfwsvd", MethodOptions(damping=0.0)).factorize(w, stats, 4)
+    f = build_method("gfwsvd", damping=0.0).factorize(w, stats, 4)
     dw = w - f.at_rank(4)[0] @ f.at_rank(4)[1]
     a, b = stats.inputs.mean_gram, stats.gradients.mean_cov
     quad = torch.trace(b @ dw @ a @ dw.T).item()
     assert f.errors[4].item() == pytest.approx(quad, rel=1e-6)
 
 
-def test_gfwsvd_priced_in_a_second_damping_of_b():
-    """Factors truncated under a strongly damped B, errors measured under B damped as asked."""
+def test_fwsvd_exponent_changes_result_and_full_rank_rebuilds():
     stats, _ = make_stats()
     w = torch.randn(OUT, IN, dtype=torch.float64)
-    opts = MethodOptions(damping=0.0, cov_damping=1.0, price_cov_damping=0.0)
-    method = build_method("gfwsvd", opts)
-    f = method.factorize(w, stats, min(OUT, IN))
-    plain = build_method("gfwsvd", MethodOptions(damping=0.0, cov_damping=1.0)).factorize(w, stats, min(OUT, IN))
-    a, b = stats.inputs.mean_gram, stats.gradients.mean_cov
-    for r in (1, 3, 5):
-        assert torch.allclose(f.at_rank(r)[0] @ f.at_rank(r)[1], plain.at_rank(r)[0] @ plain.at_rank(r)[1])
-        dw = w - f.at_rank(r)[0] @ f.at_rank(r)[1]
-        assert f.errors[r].item() == pytest.approx(torch.trace(b @ dw @ a @ dw.T).item(), rel=1e-6)
-    assert not torch.allclose(f.errors, plain.errors)
-    assert torch.allclose(method.error_curve(w, stats), f.errors)
-
-
-def test_fwsvd_exponent_changes_result_and_rows_cols_mode_runs():
-    stats, _ = make_stats()
-    w = torch.randn(OUT, IN, dtype=torch.float64)
-    third = build_method("fwsvd", MethodOptions(fisher_exponent=1 / 3)).factorize(w, stats, 4).at_rank(4)
-    half = build_method("fwsvd", MethodOptions(fisher_exponent=1 / 2)).factorize(w, stats, 4).at_rank(4)
+    third = build_method("fwsvd", fisher_exponent=1 / 3).factorize(w, stats, 4).at_rank(4)
+    half = build_method("fwsvd", fisher_exponent=1 / 2).factorize(w, stats, 4).at_rank(4)
     assert not torch.allclose(third[0] @ third[1], half[0] @ half[1])
-    both = build_method("fwsvd", MethodOptions(fisher_mode="rows+cols")).factorize(w, stats, IN)
+    both = build_method("fwsvd").factorize(w, stats, IN)
     assert torch.allclose(both.up @ both.down, w, atol=1e-7)
 
 
 def test_gradient_groups_split_under_budget_and_cover_every_module():
-    from vaclm.pipeline.statistics import accumulator_bytes, gradient_groups
+    from vaclm.model.statistics import accumulator_bytes, gradient_groups
 
     shapes = {f"m{i}": (100 + i, 50) for i in range(10)}
     budget = 3 * accumulator_bytes((110, 50), True, True)
@@ -118,7 +99,7 @@ def test_gradient_groups_split_under_budget_and_cover_every_module():
 def test_grouped_gradient_walk_equals_single_walk():
     from conftest import token_batch, tiny_model
     from vaclm.model.arch import get_submodule, spec_for, target_names
-    from vaclm.pipeline.statistics import gradient_stats
+    from vaclm.model.statistics import gradient_stats
 
     model = tiny_model("llama")
     names = [n for b in target_names(model, spec_for("llama")) for n in b]
@@ -135,7 +116,7 @@ def test_grouped_gradient_walk_equals_single_walk():
 def test_model_sampled_labels_give_seeded_true_fisher_statistics():
     from conftest import token_batch, tiny_model
     from vaclm.model.arch import get_submodule, spec_for, target_names
-    from vaclm.pipeline.statistics import gradient_stats
+    from vaclm.model.statistics import gradient_stats
 
     model = tiny_model("llama")
     names = [n for b in target_names(model, spec_for("llama")) for n in b]
@@ -161,51 +142,32 @@ def test_fisher_labels_are_validated():
         CompressConfig(fisher_labels="teacher")
 
 
-def paired_stats(seed=0, drift=0.3):
-    """Statistics of a layer whose inputs x drifted from the dense model's x_d."""
-    stats, x_dense = make_stats(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = x_dense + drift * x_dense.std() * torch.randn(x_dense.shape, generator=g)
-    inputs = InputStats(IN, paired=True)
-    for xs, ds in zip(x.split(50), x_dense.split(50)):
-        inputs.add_batch(xs, ds)
-    return LayerStats(inputs, stats.gradients), x, x_dense
+def test_method_options_live_with_their_method():
+    from vaclm.config import CompressConfig
+    from vaclm.errors import VaclmError
+    from vaclm.methods import METHODS
+
+    assert list(METHODS) == ["svd", "svd-llm", "asvd", "fwsvd", "gfwsvd"]
+    config = CompressConfig(method="fwsvd", options={"fisher_exponent": 0.5})
+    assert config.options == METHODS["fwsvd"].Options(fisher_exponent=0.5)
+    assert CompressConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(VaclmError, match="method svd has no option 'damping'"):
+        CompressConfig(method="svd", options={"damping": 0.1})
+    with pytest.raises(VaclmError, match="unknown method"):
+        CompressConfig(method="pca")
+    with pytest.raises(VaclmError, match="damping must be >= 0"):
+        build_method("gfwsvd", damping=-1.0)
 
 
-@pytest.mark.parametrize("name", ["svd-llm", "gfwsvd"])
-@pytest.mark.parametrize("rank", [3, 8, IN])
-def test_dense_targets_fit_the_dense_output_better_and_errors_are_exact(name, rank):
-    paired, x, x_dense = paired_stats()
-    own = LayerStats(make_stats()[0].inputs, paired.gradients)
-    own.inputs = InputStats(IN)
-    own.inputs.add_batch(x)  # the same drifted inputs, without the dense ones
-    w = torch.randn(OUT, IN, dtype=torch.float64)
-    method = build_method(name, MethodOptions(damping=0.0))
-    b = paired.gradients.mean_cov if name == "gfwsvd" else torch.eye(OUT, dtype=torch.float64)
+def test_version_1_config_reads_with_the_removed_options_dropped():
+    from vaclm.config import CompressConfig
 
-    def output_error(up, down):  # E (W x_d - W' x)^T B (W x_d - W' x)
-        diff = x_dense.double() @ w.T - x.double() @ (up @ down).T
-        return ((diff @ b) * diff).sum().item() / TOKENS
-
-    fit = method.factorize(w, paired, rank)
-    plain = method.factorize(w, own, rank)
-    assert output_error(*fit.at_rank(rank)) <= output_error(*plain.at_rank(rank)) * (1 + 1e-9)
-    # the reported error is the output error relative to keeping the dense W
-    keep_dense = output_error(w, torch.eye(IN, dtype=torch.float64))
-    assert fit.errors[rank].item() == pytest.approx(output_error(*fit.at_rank(rank)) - keep_dense, rel=1e-6, abs=1e-9)
-    if rank == IN:  # at full rank the regression beats the drifting dense weight
-        assert fit.errors[rank].item() < 0
-    assert torch.allclose(method.error_curve(w, paired), fit.errors, rtol=1e-6, atol=1e-9)
-
-
-def test_paired_stats_without_drift_equal_plain_ones():
-    stats, x = make_stats()
-    paired = InputStats(IN, paired=True)
-    paired.add_batch(x, x)
-    w = torch.randn(OUT, IN, dtype=torch.float64)
-    method = build_method("svd-llm", MethodOptions(damping=0.0))
-    a, b = method.factorize(w, LayerStats(paired), 5), method.factorize(w, stats, 5)
-    assert torch.allclose(a.at_rank(5)[0] @ a.at_rank(5)[1], b.at_rank(5)[0] @ b.at_rank(5)[1], atol=1e-8)
-    assert torch.allclose(a.errors, b.errors, rtol=1e-6, atol=1e-8)
-    with pytest.raises(ValueError, match="dense model's inputs"):
-        paired.add_batch(x)
+    old = {"type": "CompressConfig", "version": 1, "keep": 0.6, "method": "gfwsvd", "dense_targets": False,
+           "within_block": False, "resolve": False, "depth_tilt": 1.0,
+           "options": {"damping": 1e-4, "cov_damping": None, "price_cov_damping": None, "fisher_exponent": 0.33,
+                       "fisher_mode": "rows+cols", "scale_clamp": 1000.0, "asvd_alpha": 0.5},
+           "search": {"offspring": 6, "search_exponent": False, "exponents": [0.25, 0.5]}}
+    config = CompressConfig.from_dict(old)
+    assert config.search.offspring == 6
+    assert config.keep == 0.6 and config.depth_tilt == 1.0
+    assert config.options == type(config.options)(damping=1e-4)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vaclm
 from vaclm.errors import VaclmError
-from vaclm.model.loading import load_model
+from vaclm.io.loading import load_model
 
 from conftest import token_batch, tiny_model, svd_llm_config
 
@@ -42,8 +42,10 @@ def test_folder_contents_and_config(saved):
     folder, _, result = saved
     names = {p.name for p in folder.iterdir()}
     assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "vaclm" and qc["version"] == 1
+    config = json.loads((folder / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "vaclm" and qc["version"] == 2
+    assert config["transformers_weights"].startswith("vaclm:")  # transformers without vaclm refuses the folder
     assert qc["ranks"] == {k: v for k, v in result.ranks.items() if v is not None}
     tensors = load_file(folder / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.up.bias" in tensors
@@ -97,3 +99,17 @@ def test_corrupt_weights_file_is_refused(saved, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(VaclmError, match="corrupt weights file"):
         load_model(folder)
+
+
+def test_quantizer_refuses_to_load_unchecked_factors():
+    """Without the checkpoint files the tensor check cannot run: loading stops instead of skipping it."""
+    import pytest
+
+    from conftest import tiny_model
+    from vaclm.errors import VaclmError
+    from vaclm.io.hf_quantizer import VaclmConfig, VaclmQuantizer
+
+    quantizer = VaclmQuantizer(VaclmConfig(ranks={"model.layers.0.mlp.up_proj": 8}))
+    for files in (None, [], ["pytorch_model.bin"]):
+        with pytest.raises(VaclmError, match="no .safetensors checkpoint files"):
+            quantizer._process_model_before_weight_loading(tiny_model("llama"), checkpoint_files=files)

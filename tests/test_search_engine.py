@@ -13,6 +13,14 @@ DEMO_SHAPES = [s for _ in range(30) for s in
                [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]]
 
 
+def is_full(space, levels):
+    """The engine's budget invariant: within the budget, and no single item can be raised one level."""
+    levels = np.asarray(levels)
+    gap = space.budget - space.cost(levels)
+    return bool(gap >= 0 and np.all(levels >= 0) and np.all(levels <= space.top)
+                and not np.any(space.next_steps(levels) <= gap))
+
+
 def separable(costs, losses):
     def score(genomes, stage, generation):
         return [float(sum(l[j] for l, j in zip(losses, g.levels))) for g in genomes]
@@ -52,25 +60,24 @@ def test_finds_the_knapsack_optimum_of_a_separable_convex_objective(seed):
     assert evo.parent_fitness > best + 0.5
     evo.run(generations=300, progress=False)
     assert evo.parent_fitness == pytest.approx(best, abs=1e-9)
-    assert space.is_full(evo.parent.levels)
+    assert is_full(space, evo.parent.levels)
 
 
-def test_finds_the_optimum_of_a_non_separable_objective_with_a_gene():
-    """f = ||M (l - t)||^2 + [gene != 2]: coupled items, minimum 0 at the full allocation t."""
+def test_finds_the_optimum_of_a_non_separable_objective():
+    """f = ||M (l - t)||^2: coupled items, minimum 0 at the full allocation t."""
     rng = np.random.default_rng(7)
     costs = [np.arange(1, 13, dtype=float) * s for s in (1, 2, 3, 1, 2, 3)]
     target = np.array([5, 3, 2, 9, 4, 1])
-    space = Space(costs, sum(c[t] for c, t in zip(costs, target)), gene_sizes=[5])
-    assert space.is_full(target)
+    space = Space(costs, sum(c[t] for c, t in zip(costs, target)))
+    assert is_full(space, target)
     m = np.eye(6) + 0.6 * rng.standard_normal((6, 6))
 
     def score(genomes, stage, generation):
-        return [float(np.sum((m @ (np.array(g.levels) - target)) ** 2) + (g.genes[0] != 2)) for g in genomes]
+        return [float(np.sum((m @ (np.array(g.levels) - target)) ** 2)) for g in genomes]
 
-    evo = Evolution.start(space, score, Settings(offspring=12, survivors=(4, 1), gene_rate=0.3), 0,
-                          Genome((0,) * 6, (0,)))
+    evo = Evolution.start(space, score, Settings(offspring=12, survivors=(4, 1)), 0, Genome((0,) * 6))
     evo.run(generations=400, progress=False)
-    assert evo.parent.levels == tuple(target) and evo.parent.genes == (2,)
+    assert evo.parent.levels == tuple(target)
     assert evo.parent_fitness == 0.0
 
 
@@ -88,7 +95,7 @@ def test_budget_invariant_holds_under_thousands_of_random_mutations():
         levels = np.array(genome.levels)
         gap = space.budget - space.cost(levels)
         assert 0 <= gap < np.min(space.next_steps(levels)), k
-        assert space.is_full(levels)
+        assert is_full(space, levels)
         if np.any(levels[1::7] < space.top[1::7]):  # a k_proj can still grow: within its 8-rank step
             assert gap < smallest_step
     assert np.unique(levels).size > 5  # the walk really moved
@@ -97,7 +104,7 @@ def test_budget_invariant_holds_under_thousands_of_random_mutations():
 def test_a_start_above_the_budget_is_repaired():
     space = Space([[1.0, 2.0, 3.0]] * 4, 6.0)
     levels = space.repair([2, 2, 2, 2], np.random.default_rng(0))
-    assert space.cost(levels) <= 6.0 and space.is_full(levels)
+    assert space.cost(levels) <= 6.0 and is_full(space, levels)
 
 
 def run_toy(seed, generations):
@@ -128,17 +135,51 @@ def test_resume_equals_an_uninterrupted_run():
     assert strip_seconds(resumed.history) == strip_seconds(full.history)
 
 
-def test_time_limit_stops_the_search():
-    costs, losses, budget = convex_instance(1)
-    import time
+def test_states_of_the_removed_exponent_search_are_refused():
+    part, space, score = run_toy(5, 3)
+    state = part.state_dict()
+    older = {**state, "parent": {**state["parent"], "genes": []}}  # what states without that search held
+    assert Evolution.from_state(space, score, Settings(), older).parent == part.parent
+    with pytest.raises(ValueError, match="--search-exponent, removed"):
+        Evolution.from_state(space, score, Settings(), {**state, "parent": {**state["parent"], "genes": [2]}})
 
-    def slow(genomes, stage, generation):
-        time.sleep(0.01)
+
+class FakeClock:
+    """Stands in for the engine's `time` module: time passes only when the test says so, so the
+    time-limit logic is checked exactly, however loaded the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    perf_counter = monotonic = time
+
+
+def test_time_limit_stops_the_search(monkeypatch):
+    from vaclm.search import engine
+
+    clock, tick = FakeClock(), 2.0**-4  # a power of two: the sums below are exact
+    monkeypatch.setattr(engine, "time", clock)
+    costs, losses, budget = convex_instance(1)
+
+    def timed(genomes, stage, generation):  # every scoring call takes one tick
+        clock.now += tick
         return separable(costs, losses)(genomes, stage, generation)
 
-    evo = Evolution.start(Space(costs, budget), slow, Settings(), 0, Genome((0,) * len(costs)))
-    evo.run(time_limit=0.3, progress=False)
-    assert 1 <= evo.generation < 30 and evo.elapsed <= 0.3 + 0.1
+    evo = Evolution.start(Space(costs, budget), timed, Settings(), 0, Genome((0,) * len(costs)))
+    assert evo.elapsed == tick  # the start genome's score
+    # each generation scores two stages (2 ticks); a generation starts only if, costing as much as
+    # the last, it ends within the limit: 1 + 2k <= 20 ticks -> 9 generations, 19 ticks
+    evo.run(generations=1000, time_limit=20 * tick, progress=False)
+    assert evo.generation == 9 and evo.elapsed == 19 * tick
+    assert [h["seconds"] for h in evo.history] == [(1 + 2 * k) * tick for k in range(10)]
+    # the limit counts the time already spent (a resumed search keeps its elapsed time)
+    evo.run(generations=1000, time_limit=20 * tick, progress=False)
+    assert evo.generation == 9
+    evo.run(generations=1000, time_limit=21 * tick, progress=False)
+    assert evo.generation == 10 and evo.elapsed == 21 * tick
 
 
 def test_best_fitness_never_gets_worse_and_parent_is_not_rescored():

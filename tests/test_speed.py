@@ -90,7 +90,7 @@ def test_cli_bench(tmp_path):
     for key in ("prefill_speedup", "prefill_speedup_64", "decode_speedup", "decode_speedup_b2"):
         assert out[key] > 0
     assert out["threads"] == 1 and out["baseline_source"] == str(tmp_path / "b")
-    assert "speedup  prefill_speedup" in proc.stdout
+    assert "speedup  prefill_speedup" in proc.stderr  # with --json the human lines go to stderr
 
 
 def test_lowrank_fast_path_matches_submodules_and_respects_hooks():

@@ -1,6 +1,8 @@
-"""Zero-shot scoring: lm-eval's templates and token boundaries, exact log-likelihoods, metrics, errors, CLI."""
+"""Zero-shot scoring through lm-evaluation-harness on local files: lm-eval's prompts built from the files,
+the in-memory model's exact log-likelihoods, metrics as reported, file and setup errors, the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from conftest import run_cli, tiny_model
 
 CORPUS = ["Question: How do I open a jar?\nAnswer: Twist the lid.", "The trophy did not fit in the suitcase because it was too big.",
           "Sarah was a much better surgeon than Maria so she always got the harder cases.", "foobar foo bar"] * 20
+needs_lm_eval = pytest.mark.skipif(__import__("importlib.util").util.find_spec("lm_eval") is None,
+                                   reason="lm-eval is installed by scripts/setup.sh (extra 'harness')")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def write_data(root, piqa=None, wino=None):
     wino = wino or [({"sentence": "The trophy did not fit in the suitcase because _ was too big.", "option1": "the trophy",
                       "option2": "the suitcase", "answer": "1"}, "1"),
                     ({"sentence": "Sarah was better than Maria so _ got the harder cases.", "option1": "Sarah",
-                      "option2": "Maria", "answer": "1"}, "2")]
+                      "option2": "Maria", "answer": "1"}, "2")]  # the labels file wins over a stale answer field
     (root / "piqa").mkdir(parents=True, exist_ok=True)
     (root / "winogrande").mkdir(parents=True, exist_ok=True)
     (root / "piqa" / "valid.jsonl").write_text("".join(json.dumps(d) + "\n" for d, _ in piqa))
@@ -50,130 +54,115 @@ def write_data(root, piqa=None, wino=None):
     return root
 
 
-def direct_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
-    """One unbatched forward over the concatenated tokens, summed by hand."""
-    ids = torch.tensor([ctx + cont])
+def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """One unbatched forward over the whole text; the continuation is what follows the context's tokens."""
+    ctx, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
     with torch.no_grad():
-        logprobs = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        logprobs = F.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), dim=-1)
+    return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
 
-def test_templates_match_lm_eval(tmp_path):
-    from vaclm.data.zeroshot import load_examples
+@needs_lm_eval
+def test_lm_eval_scores_the_local_files(model, tokenizer, tmp_path, monkeypatch):
+    import datasets
 
-    root = write_data(tmp_path)
-    piqa = load_examples("piqa", root)
-    assert piqa[0].contexts == ("Question: Open a jar\nAnswer:",) * 2
-    assert piqa[0].continuations == (" Twist the lid.", " Hit it with a hammer, then pour.")
-    assert piqa[0].gold == 0 and piqa[1].gold == 1
-    assert piqa[1].norm_lengths == (float(len("replace drawer with bobby pin ")), float(len("finish, woodgrain")))
-    wino = load_examples("winogrande", root)
-    assert wino[0].contexts == ("The trophy did not fit in the suitcase because the trophy",
-                                "The trophy did not fit in the suitcase because the suitcase")
-    assert wino[0].continuations == (" was too big.",) * 2
-    assert [w.gold for w in wino] == [0, 1]  # labels "1"/"2" -> 0/1, from the labels file
-    assert len(load_examples("piqa", root, limit=1)) == 1
+    from vaclm.eval.zeroshot import evaluate_tasks
 
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local task asked datasets.load_dataset (the hub)")
 
-def test_encode_pair_splits_the_whole_encoding(tokenizer):
-    from vaclm.eval.loglikelihood import encode_pair
-
-    for ctx, cont in [("Question: How do I open a jar?\nAnswer:", " Twist the lid."), ("foo", "bar"), ("The trophy", " did")]:
-        c, x = encode_pair(tokenizer, ctx, cont)
-        assert c == tokenizer.encode(ctx) and c + x == tokenizer.encode(ctx + cont)
-    # a trailing space of the context belongs to the continuation
-    c, x = encode_pair(tokenizer, "Answer: ", "Twist")
-    assert c == tokenizer.encode("Answer:") and c + x == tokenizer.encode("Answer: Twist")
-    # "foobar" is one merged token here: the continuation is what remains after the context's tokens
-    whole = tokenizer.encode("foobar")
-    assert encode_pair(tokenizer, "foo", "bar")[1] == whole[len(tokenizer.encode("foo")) :]
-    # an empty context is conditioned on the EOS token (no BOS in this tokenizer)
-    assert encode_pair(tokenizer, "", " Twist")[0] == [tokenizer.eos_token_id]
-
-
-def test_batched_scores_equal_a_direct_forward(model, tokenizer):
-    from vaclm.eval.loglikelihood import encode_pair, loglikelihoods
-
-    pairs = [("Question: How do I open a jar?\nAnswer:", " Twist the lid."), ("The trophy", " did not fit in the suitcase."),
-             ("Sarah was a much better surgeon", " than Maria"), ("foo", "bar"), ("a", " b c d e f g h i j k")]
-    expected = [direct_loglikelihood(model, *encode_pair(tokenizer, c, x)) for c, x in pairs]
-    for batch_size in (1, 2, 5):  # padding and batch composition must not change the scores
-        got = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, progress=False)
-        assert got == pytest.approx(expected, abs=1e-4)
-    again = loglikelihoods(model, tokenizer, pairs, batch_size=2, progress=False)
-    assert again == loglikelihoods(model, tokenizer, pairs, batch_size=2, progress=False)  # deterministic
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    rng = torch.random.get_rng_state()
+    out = evaluate_tasks(model, tokenizer, "PIQA,winogrande", data_dir=write_data(tmp_path), batch_size=3,
+                         progress=False, log_samples=True)
+    assert torch.equal(torch.random.get_rng_state(), rng) and tokenizer.pad_token is None  # caller's state untouched
+    assert list(out) == ["piqa", "winogrande"]
+    piqa, wino = (sorted(out[t].pop("samples"), key=lambda s: s["doc_id"]) for t in ("piqa", "winogrande"))
+    # lm-eval's own prompts (piqa.yaml; preprocess_winogrande.py's partial evaluation), labels from the labels files
+    assert list(piqa[0]["arguments"]) == [("Question: Open a jar\nAnswer:", " Twist the lid."),
+                                          ("Question: Open a jar\nAnswer:", " Hit it with a hammer, then pour.")]
+    assert list(wino[0]["arguments"]) == [("The trophy did not fit in the suitcase because the trophy", " was too big."),
+                                          ("The trophy did not fit in the suitcase because the suitcase", " was too big.")]
+    assert [s["target"] for s in piqa] == [0, 1] and [s["doc"]["answer"] for s in wino] == ["1", "2"]
+    # the scores are the in-memory model's log-likelihoods, and the metrics those lm-eval derives from them
+    for task, samples in (("piqa", piqa), ("winogrande", wino)):
+        for s in samples:
+            expected = [direct_loglikelihood(model, tokenizer, *pair) for pair in s["arguments"]]
+            assert [float(r[0]) for r in s["filtered_resps"]] == pytest.approx(expected, abs=1e-4)
+        metrics = ("acc", "acc_norm") if task == "piqa" else ("acc",)
+        assert [k for k in out[task] if k != "seconds"] == ["examples", "of"] + [f"{m}{e}" for m in metrics for e in ("", "_stderr")]
+        assert out[task]["examples"] == out[task]["of"] == 2
+        for m in metrics:
+            hits = [float(s[m]) for s in samples]
+            assert out[task][m] == pytest.approx(sum(hits) / 2)
+            assert out[task][f"{m}_stderr"] == pytest.approx(math.sqrt(sum((h - sum(hits) / 2) ** 2 for h in hits) / 2))
 
 
-def test_scores_match_lm_eval_harness(model, tokenizer):
-    lm_eval = pytest.importorskip("lm_eval")  # noqa: F841  (optional extra `harness`)
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
+@needs_lm_eval
+def test_other_names_go_to_lm_eval(model, tokenizer, tmp_path):
+    """A name without local files is looked up among lm-eval's own tasks (~10 s: lm-eval indexes them all)."""
+    from vaclm.eval.zeroshot import evaluate_tasks
 
-    from vaclm.eval.loglikelihood import loglikelihoods
-
-    pairs = [("Question: How do I open a jar?\nAnswer:", " Twist the lid."), ("The trophy ", "did not fit"), ("foo", "bar")]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
-    theirs = [r[0] for r in lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs], disable_tqdm=True)]
-    assert loglikelihoods(model, tokenizer, pairs, batch_size=2, progress=False) == pytest.approx(theirs, abs=1e-4)
+    with pytest.raises(VaclmError, match="unknown task no_such_task: neither local"):
+        evaluate_tasks(model, tokenizer, "piqa,no_such_task", data_dir=write_data(tmp_path), progress=False)
 
 
-def test_acc_and_acc_norm_selection():
-    from vaclm.eval.zeroshot import choose
+def test_task_yamls_include_lm_evals_configs(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    assert choose([-10.0, -12.0], [5, 20]) == (0, 1)  # raw prefers the short one, per character the long one
-    assert choose([-3.0, -1.0], [10, 10]) == (1, 1)
-    assert choose([-2.0, -2.0], [4, 4]) == (0, 0)  # ties go to the first choice, as np.argmax
+    from vaclm.data.zeroshot import local_dataset
+    from vaclm.eval.zeroshot import write_task_yamls
 
-
-def test_metrics_from_crafted_scores(tmp_path, monkeypatch):
-    import vaclm.eval.zeroshot as zs
-
-    root = write_data(tmp_path)
-    # piqa example 0 (gold 0): raw picks 0, per character picks 1; example 1 (gold 1): both pick 1
-    crafted = {"piqa": [-10.0, -12.0, -9.0, -1.0], "winogrande": [-1.0, -2.0, -1.0, -2.0]}
-    monkeypatch.setattr(zs, "loglikelihoods", lambda m, t, pairs, **k: crafted[k["desc"]][: len(pairs)])
-    out = zs.evaluate_tasks(None, None, "piqa,winogrande", data_dir=root)
-    assert out["piqa"]["acc"] == 1.0 and out["piqa"]["acc_norm"] == 0.5
-    assert out["piqa"]["examples"] == out["piqa"]["of"] == 2
-    assert out["winogrande"]["acc"] == 0.5 and "acc_norm" not in out["winogrande"]  # gold 0 then 1, both pick 0
-    assert out["piqa"]["acc_norm_stderr"] == pytest.approx(0.5)
+    data = write_data(tmp_path / "data")
+    (tmp_path / "tasks").mkdir()
+    write_task_yamls(tmp_path / "tasks", ["piqa", "winogrande", "hellaswag"], data)
+    assert sorted(p.name for p in (tmp_path / "tasks").glob("*.yaml")) == ["piqa.yaml", "winogrande.yaml"]  # hellaswag: lm-eval's
+    piqa = load_yaml(tmp_path / "tasks" / "piqa.yaml")
+    assert piqa["doc_to_text"] == "Question: {{goal}}\nAnswer:" and piqa["custom_dataset"] is local_dataset
+    wino = load_yaml(tmp_path / "tasks" / "winogrande.yaml")
+    assert wino["doc_to_choice"].__module__.endswith("preprocess_winogrande")
+    assert local_dataset(**wino["dataset_kwargs"], version=1.0)["validation"][1] == {
+        "sentence": "Sarah was better than Maria so _ got the harder cases.", "option1": "Sarah", "option2": "Maria",
+        "answer": "2"}
 
 
 @pytest.mark.parametrize("case, message", [
     ("no-dir", "pass --data-dir FOLDER"),
     ("missing-dir", "zero-shot data folder not found"),
-    ("missing-file", "winogrande/dev-labels.lst"),
+    ("missing-file", r"winogrande/dev-labels.lst; pass --data-dir FOLDER \(or set VACLM_DATA_DIR\)"),
     ("count", "has 1 labels for 2 examples"),
     ("bad-label", "line 1 is malformed"),
-    ("task", "unknown task hellaswag"),
+    ("bad-field", "line 1 is malformed .*KeyError"),
 ])
-def test_loader_errors(tmp_path, monkeypatch, case, message):
-    from vaclm.data.zeroshot import load_examples, parse_tasks
+def test_data_errors(tmp_path, monkeypatch, case, message):
+    from vaclm.data.zeroshot import read_documents
 
     monkeypatch.delenv("VACLM_DATA_DIR", raising=False)
     root = write_data(tmp_path / "data")
-    task, data_dir = "winogrande", root
-    if case == "no-dir":
-        data_dir = None
-    elif case == "missing-dir":
-        data_dir = tmp_path / "nowhere"
-    elif case == "missing-file":
-        (root / "winogrande" / "dev-labels.lst").unlink()
+    data_dir = {"no-dir": None, "missing-dir": tmp_path / "nowhere"}.get(case, root)
+    labels, docs = root / "winogrande" / "dev-labels.lst", root / "winogrande" / "dev.jsonl"
+    if case == "missing-file":
+        labels.unlink()
     elif case == "count":
-        (root / "winogrande" / "dev-labels.lst").write_text("1\n")
+        labels.write_text("1\n")
     elif case == "bad-label":
-        (root / "winogrande" / "dev-labels.lst").write_text("3\n1\n")
+        labels.write_text("3\n1\n")
+    elif case == "bad-field":
+        docs.write_text('{"sentence": "_ x", "option1": "a"}\n' + docs.read_text().splitlines()[1] + "\n")
     with pytest.raises(VaclmError, match=message):
-        if case == "task":
-            parse_tasks("piqa,hellaswag")
-        load_examples(task, data_dir)
+        read_documents("winogrande", data_dir)
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):
-    from vaclm.data.zeroshot import load_examples
+    from vaclm.data.zeroshot import parse_tasks, read_documents
 
     monkeypatch.setenv("VACLM_DATA_DIR", str(write_data(tmp_path)))
-    assert len(load_examples("piqa", None)) == 2
+    assert read_documents("piqa", None)[1] == {"goal": "dresser", "sol1": "replace drawer with bobby pin ",
+                                               "sol2": "finish, woodgrain", "label": 1}
+    assert parse_tasks("PIQA, winogrande,piqa,arc_easy") == ["piqa", "winogrande", "arc_easy"]
+    with pytest.raises(VaclmError, match="no task"):
+        parse_tasks(" , ")
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +173,7 @@ def saved_folder(model, tokenizer, tmp_path_factory):
     return folder
 
 
+@needs_lm_eval
 def test_cli_eval_tasks(saved_folder, tmp_path):
     root = write_data(tmp_path / "data")
     (tmp_path / "text.txt").write_text(" ".join(CORPUS))
@@ -194,10 +184,12 @@ def test_cli_eval_tasks(saved_folder, tmp_path):
     assert set(out["tasks"]) == {"piqa", "winogrande"} and out["ppl"] > 1 and out["windows"] == 2  # both at once
     assert out["tasks"]["piqa"]["examples"] == 1 and out["tasks"]["piqa"]["of"] == 2
     assert out["tasks"]["piqa"]["acc"] in (0.0, 1.0) and out["tasks"]["piqa"]["acc_norm"] in (0.0, 1.0)
-    assert "piqa: acc" in proc.stdout
+    assert math.isnan(out["tasks"]["piqa"]["acc_stderr"])  # lm-eval's "N/A" below two examples
+    assert "piqa: acc" in proc.stderr  # with --json, messages go to stderr
 
 
 def test_cli_eval_errors(saved_folder, tmp_path, monkeypatch, capsys):
+    import vaclm.eval.zeroshot as zs
     from vaclm import cli
 
     def error_of(*argv):
@@ -206,10 +198,10 @@ def test_cli_eval_errors(saved_folder, tmp_path, monkeypatch, capsys):
         assert len(lines) == 1
         return lines[0]
 
-    assert "give --ppl TEXT, --tasks piqa,winogrande, or both" in error_of("eval", str(saved_folder))
-    message = error_of("eval", str(saved_folder), "--tasks", "piqa", "--data-dir", str(tmp_path))
-    assert "zero-shot data file missing" in message and "piqa/valid.jsonl" in message
-    import vaclm.eval.harness as harness
-
-    monkeypatch.setattr(harness, "harness_available", lambda: False)
-    assert "pip install lm-eval" in error_of("eval", str(saved_folder), "--tasks", "piqa", "--harness")
+    assert "nothing to evaluate" in error_of("eval", str(saved_folder), "--ppl", "none")
+    if zs.find_spec("lm_eval") is not None:
+        message = error_of("eval", str(saved_folder), "--tasks", "piqa", "--data-dir", str(tmp_path), "--ppl", "none")
+        assert "zero-shot data file missing" in message and "piqa/valid.jsonl" in message and "--data-dir" in message
+    monkeypatch.setattr(zs, "find_spec", lambda name: None)
+    assert "zero-shot tasks need lm-evaluation-harness: pip install 'vaclm[harness]'" in error_of(
+        "eval", str(saved_folder), "--tasks", "piqa", "--ppl", "none")

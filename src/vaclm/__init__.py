@@ -5,7 +5,7 @@ with plain `AutoModelForCausalLM.from_pretrained`. Nothing else heavy happens at
 pipeline, methods and loaders are imported on first use.
 """
 
-from .config import CompressConfig, MethodOptions
+from .config import CompressConfig, SearchOptions
 from .errors import VaclmError
 from .recovery.config import HealConfig
 from .io import hf_quantizer as _hf_quantizer  # noqa: F401  (registers the quantizer)
@@ -22,4 +22,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'vaclm' has no attribute {name!r}")
 
 
-__all__ = ["CompressConfig", "HealConfig", "MethodOptions", "VaclmError", *_API]
+__all__ = ["CompressConfig", "HealConfig", "SearchOptions", "VaclmError", *_API]

@@ -18,7 +18,7 @@ class Loaded(NamedTuple):
 
 def load(source: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Loaded:
     """Hub id, local folder, .gguf file, vaclm folder or "demo" -> (model, tokenizer) on `device`."""
-    from .model.loading import load_model, resolve_device
+    from .io.loading import load_model, resolve_device
 
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     return Loaded(model.to(resolve_device(device)), tokenizer)
@@ -33,11 +33,12 @@ def calibration_ids(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise VaclmError("calibration ids must be a 2-D tensor (samples x seq_len) with seq_len >= 2")
         return ids
-    ids = _stream(calib, tokenizer, "calibration")
+    ids = token_stream(calib, tokenizer, "calibration")
     return calibration_windows(ids, config.calib_samples, config.calib_seq_len, config.seed)[0]
 
 
-def _stream(source, tokenizer, role: str) -> torch.Tensor:
+def token_stream(source, tokenizer, role: str) -> torch.Tensor:
+    """1-D token ids of `source`: a tensor passes through, text (file, folder, keyword) is tokenised."""
     from .data.text import load_text, tokenize
 
     return source.long() if isinstance(source, torch.Tensor) else tokenize(tokenizer, load_text(str(source), role=role))
@@ -52,8 +53,9 @@ def data_roles(calib, fitness, eval_text, tokenizer, config: CompressConfig) -> 
     overlaps either.
     """
     from .data.roles import check_disjoint, fitness_split
+    from .pipeline.compress import allocation_class
 
-    evolve = config.allocation == "evolve"
+    evolve = allocation_class(config.allocation).uses_fitness
     if fitness is not None and not evolve:
         raise VaclmError("fitness data is used only by --allocation evolve; leave it out or choose that allocation")
     fitness_tokens = config.search.fitness_tokens[-1]
@@ -61,20 +63,20 @@ def data_roles(calib, fitness, eval_text, tokenizer, config: CompressConfig) -> 
     if split_fitness and isinstance(calib, torch.Tensor):
         raise VaclmError("with calibration token ids, pass fitness token ids too (held out from calibration)")
     if split_fitness:  # held-out windows of the same tiling: disjoint by position
-        stream = _stream(calib, tokenizer, "calibration")
+        stream = token_stream(calib, tokenizer, "calibration")
         ids, fit = fitness_split(stream, config.calib_samples, config.calib_seq_len, config.seed, fitness_tokens,
                                  extra_tokens=fitness_tokens)  # as many again, held out to pick the result
     else:
         ids, fit = calibration_ids(calib, tokenizer, config), None
     if fitness is not None:
-        fit = fitness.long() if isinstance(fitness, torch.Tensor) else _stream(fitness, tokenizer, "calibration")
+        fit = fitness.long() if isinstance(fitness, torch.Tensor) else token_stream(fitness, tokenizer, "calibration")
         if fit.dim() == 1:
             seq = config.calib_seq_len
             n = min(fit.numel() // seq, 2 * -(-fitness_tokens // seq))  # search + held-out selection
             fit = fit[: n * seq].view(n, seq)
         check_disjoint({"calibration": ids, "fitness": fit})
     if eval_text is not None:
-        check_disjoint({"calibration": ids, "fitness": fit, "evaluation": _stream(eval_text, tokenizer, "evaluation")})
+        check_disjoint({"calibration": ids, "fitness": fit, "evaluation": token_stream(eval_text, tokenizer, "evaluation")})
     return ids, fit
 
 
@@ -92,14 +94,14 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
     two). `workers`: score the search's offspring on Ray workers (a number, or a cluster address).
     """
     from .io.checkpoint import Checkpoint, fingerprint
-    from .model.loading import resolve_device
-    from .pipeline.compress import compress_model
-    from .pipeline.evolve import evolve_model
+    from .io.loading import resolve_device
+    from .pipeline.compress import allocation_class, compress_model
 
     config = config or CompressConfig()
     if calib is None:
-        raise VaclmError("compress needs calibration text: a file, a dataset name or a tensor of token ids")
-    if ranks is not None and config.allocation == "evolve":
+        raise VaclmError("compress needs calibration text: a file, 'wikitext2' (bundled), a dataset name or a tensor "
+                         "of token ids")
+    if ranks is not None and allocation_class(config.allocation).uses_fitness:
         raise VaclmError("given ranks leave nothing to search; drop them or choose another allocation")
     ids, fit = data_roles(calib, fitness, eval_text, tokenizer, config)
     checkpoint = None
@@ -109,12 +111,8 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), data, model_id), resume)
     torch.manual_seed(config.seed)
     try:
-        if config.allocation == "evolve":
-            result = evolve_model(model, config, ids, fit, device=resolve_device(device), progress=progress,
-                                  checkpoint=checkpoint, gradients=gradients, workers=workers)
-        else:
-            result = compress_model(model, config, ids, ranks=ranks, device=resolve_device(device), progress=progress,
-                                    checkpoint=checkpoint, gradients=gradients)
+        result = compress_model(model, config, ids, ranks=ranks, fitness=fit, device=resolve_device(device),
+                                progress=progress, checkpoint=checkpoint, gradients=gradients, workers=workers)
     except BaseException:
         if checkpoint is not None and checkpoint.is_empty():
             checkpoint.remove()  # nothing worth resuming: leave no trace of a run that failed at once
@@ -154,10 +152,10 @@ def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = 
                       write_extra=extra if result else None)
 
 
-def _load_student(source, device: str):
+def load_for_healing(source, device: str = "cpu"):
     """A vaclm folder -> (model in float32 master weights, tokenizer, folder)."""
     from .io.validate import read_vaclm_config
-    from .model.loading import resolve_source
+    from .io.loading import resolve_source
 
     folder = Path(resolve_source(source))
     if not folder.is_dir() or read_vaclm_config(folder) is None:
@@ -183,7 +181,7 @@ def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenize
     """
     from .data.text import load_text, tokenize
     from .io.checkpoint import fingerprint
-    from .model.loading import resolve_device, resolve_dtype
+    from .io.loading import resolve_device, resolve_dtype
     from .recovery.checkpoint import HealCheckpoint
     from .recovery.config import HealConfig
     from .recovery.data import heal_windows
@@ -192,7 +190,7 @@ def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenize
     config = config or HealConfig()
     device = resolve_device(device)
     if isinstance(model, (str, Path)):
-        model, loaded_tokenizer, source = _load_student(model, "cpu")
+        model, loaded_tokenizer, source = load_for_healing(model, "cpu")
         tokenizer = tokenizer or loaded_tokenizer
     compute_dtype = resolve_dtype(teacher_dtype, device)
     teacher_name = getattr(getattr(teacher, "config", None), "_name_or_path", "") or type(teacher).__name__
@@ -240,8 +238,9 @@ def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int 
 
 def zero_shot(model, tasks="piqa,winogrande", tokenizer=None, data_dir=None, limit: int | None = None,
               batch_size: int = 16, progress: bool = True) -> dict:
-    """Zero-shot accuracy as lm-evaluation-harness scores it, from local files in `data_dir`
-    (default $VACLM_DATA_DIR): {task: {acc, acc_stderr, [acc_norm, acc_norm_stderr], examples, ...}}."""
+    """Zero-shot accuracy scored by lm-evaluation-harness (extra `harness`); piqa and winogrande from local
+    files in `data_dir` (default $VACLM_DATA_DIR), other lm-eval task names from the hub:
+    {task: {acc, acc_stderr, [acc_norm, acc_norm_stderr], examples, of, seconds}}."""
     from .eval.zeroshot import evaluate_tasks
 
     return evaluate_tasks(model, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,

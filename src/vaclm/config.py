@@ -7,48 +7,17 @@ validation happens on construction so a bad budget fails before any model is loa
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import VaclmError
+from .options import int_list, option, parse_size, unpack_versioned
 
-CONFIG_VERSION = 1
-METHODS = ("svd", "svd-llm", "fwsvd", "asvd", "gfwsvd")
-ALLOCATIONS = ("uniform", "knapsack", "evolve")
+CONFIG_VERSION = 2  # 1: one MethodOptions for every method, and the options removed since
 ORDERS = ("front-to-back", "back-to-front", "middle-out")
 FISHER_LABELS = ("data", "model")
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Knobs of the factorisation methods; each method reads the ones it needs."""
-
-    # Relative damping added to a Gram/covariance diagonal: G + damping * mean(diag G) * I.
-    damping: float = 1e-6
-    # gfwsvd: relative damping of the output-gradient covariance B, None = same as `damping`.
-    cov_damping: float | None = None
-    # gfwsvd: damping of B when the allocator prices ranks, None = same as the factorisation's
-    # (the factors are then priced in the metric they were truncated in)
-    price_cov_damping: float | None = None
-    # fwsvd: scaling s(F) = F**p of the Fisher importances (VAC: p = 1/3 beats 1/2).
-    fisher_exponent: float = 1.0 / 3.0
-    # fwsvd: "rows+cols" (VAC) or "rows" (FWSVD; collapses on the demo model, see the README).
-    fisher_mode: str = "rows+cols"
-    # fwsvd/asvd: scales are clamped to [mean/clamp, mean*clamp] so no row or column vanishes.
-    scale_clamp: float = 1e3
-    # asvd: column scaling by mean|x| ** alpha.
-    asvd_alpha: float = 0.5
-
-    def __post_init__(self):
-        if not self.damping >= 0:
-            raise VaclmError(f"damping must be >= 0, got {self.damping}")
-        if self.cov_damping is not None and not self.cov_damping >= 0:
-            raise VaclmError(f"covariance damping must be >= 0, got {self.cov_damping}")
-        if self.price_cov_damping is not None and not self.price_cov_damping >= 0:
-            raise VaclmError(f"pricing covariance damping must be >= 0, got {self.price_cov_damping}")
-        if self.fisher_mode not in ("rows", "rows+cols"):
-            raise VaclmError(f"fisher mode must be 'rows' or 'rows+cols', got {self.fisher_mode!r}")
-        if not self.scale_clamp >= 1:
-            raise VaclmError(f"scale clamp must be >= 1, got {self.scale_clamp}")
+REMOVED_IN_V2 = ("dense_targets", "within_block", "resolve")  # measured worse; docs/results.md
+REMOVED_SEARCH_OPTIONS = ("search_exponent", "exponents")  # never measured to help
+EVOLVE = "evolutionary search (--allocation evolve, experimental)"
 
 
 SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,25 +27,24 @@ SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 class SearchOptions:
     """`--allocation evolve`: the evolutionary search that starts from the knapsack solution."""
 
-    generations: int | None = None  # stop after this many generations ...
-    time_limit: float | None = None  # ... or before the next one would pass this many seconds
-    offspring: int = 8  # mutants per generation
-    survivors: tuple[int, ...] = (2, 1)  # kept after each selection stage
-    fitness_tokens: tuple[int, ...] = (2048, 8192)  # tokens each stage scores (rounded up to windows)
-    max_moves: int = 4  # level switches per mutation: 1..max_moves
-    search_exponent: bool = False  # also search the Fisher exponent (fwsvd)
-    exponents: tuple[float, ...] = (0.25, 1.0 / 3.0, 0.5, 0.75, 1.0)
-    search_order: bool = False  # materialise the winner in every block order, keep the best
-    kl_top_k: int = 1024  # dense log-probs kept per token for the KL (the rest is one tail outcome)
-    # candidates' forward passes: "auto" is bfloat16 for a float32 model where the device computes it
-    # fast (CUDA, CPUs with AVX512-BF16/AMX), else the model's dtype. The dense reference and the
-    # final choice stay in the model's dtype.
-    dtype: str = "auto"
+    generations: int | None = option(None, "stop after N generations", group=EVOLVE)
+    time_limit: float | None = option(None, "stop before the next generation would pass SECONDS", group=EVOLVE)
+    offspring: int = option(8, "mutants per generation", group=EVOLVE)
+    survivors: tuple[int, ...] = option((2, 1), "kept after each selection stage, e.g. 2,1", group=EVOLVE, parse=int_list)
+    fitness_tokens: tuple[int, ...] = option((2048, 8192), "tokens each selection stage scores, e.g. 2048,8192",
+                                             group=EVOLVE, parse=int_list)
+    max_moves: int = option(4, "level switches per mutation: 1..N", cli=False)
+    search_order: bool = option(False, "materialise the winner in every block order too; held-out windows choose",
+                                group=EVOLVE)
+    kl_top_k: int = option(1024, "dense log-probs kept per token for the KL (the rest is one tail outcome)", cli=False)
+    # "auto" is bfloat16 for a float32 model where the device computes it fast (CUDA, CPUs with
+    # AVX512-BF16/AMX), else the model's dtype; the dense reference and the final choice stay in it
+    dtype: str = option("auto", "dtype of the candidates' forward passes (auto: bfloat16 for a float32 model "
+                                "where it is fast)", choices=SEARCH_DTYPES, group=EVOLVE, flag="--search-dtype")
 
     def __post_init__(self):
         object.__setattr__(self, "survivors", tuple(int(v) for v in self.survivors))
         object.__setattr__(self, "fitness_tokens", tuple(int(v) for v in self.fitness_tokens))
-        object.__setattr__(self, "exponents", tuple(float(v) for v in self.exponents))
         if self.generations is not None and self.generations < 1:
             raise VaclmError(f"generations must be >= 1, got {self.generations}")
         if self.time_limit is not None and not self.time_limit > 0:
@@ -98,50 +66,42 @@ class SearchOptions:
 class CompressConfig:
     """What to compress, how, and under which budget."""
 
-    keep: float = 0.8  # fraction of decoder linear parameters kept, in (0, 1]
-    target_bytes: int | None = None  # alternative budget: bytes of the whole model's weights
-    # the best measured combination on the demo model (README, bench/allocation.py)
-    method: str = "gfwsvd"
-    allocation: str = "knapsack"
-    rank_align: int = 8  # ranks are multiples of this (tensor-core and SIMD friendly)
-    order: str = "front-to-back"
-    sequential: bool = True  # each block sees the inputs the already-compressed prefix produces
-    # sequential runs of svd-llm / gfwsvd: fit each matrix W' x (x: the compressed prefix's input)
-    # to the dense model's output W x_d rather than to W x (linalg/whitening.py); costs one more
-    # forward of each block. Off: on the demo model it fits the calibration outputs better but
-    # raised the test PPL at keep 0.8 from 31.6 to 38.6 (README, bench/allocation.py)
-    dense_targets: bool = False
-    # also sequential inside a block: attention projections first, then the MLP sees their output
-    within_block: bool = False
-    # knapsack + sequential: re-price each block's ranks from its real inputs and re-solve the
-    # knapsack for the budget left when the block is reached (pipeline/allocation.py)
-    resolve: bool = False
-    # quantise the factors to int8 after compressing; a --target-size budget then counts them
-    # at one byte per element plus scales (--keep stays a fraction of parameters)
-    int8: bool = False
-    calib_samples: int = 32
-    calib_seq_len: int = 512
+    keep: float = option(0.8, "fraction of decoder linear parameters kept, in (0, 1]")
+    target_bytes: int | None = option(None, "budget as the whole model's weight bytes, e.g. 5GB or 400MiB "
+                                            "(instead of --keep)", flag="--target-size", parse=parse_size, metavar="SIZE")
+    # the best measured combination on the demo model (docs/results.md)
+    method: str = option("gfwsvd", "how each matrix is factorised")  # vaclm.methods.METHODS
+    allocation: str = option("knapsack", "how ranks are shared under the budget")  # pipeline ALLOCATIONS
+    order: str = option("front-to-back", "order in which blocks are compressed", choices=ORDERS)
+    sequential: bool = option(True, "each block's statistics come from the inputs the compressed prefix produces "
+                                    "(--no-sequential: all from the dense model, one-shot)")
+    int8: bool = option(False, "store the factors as int8 with per-row scales; --target-size then counts them at "
+                               "one byte")
+    calib_samples: int = option(32, "calibration windows")
+    calib_seq_len: int = option(512, "tokens per calibration window")
+    batch_size: int = option(4, "calibration windows per forward pass")
+    seed: int = option(0, "seed of the calibration windows' draw (and of everything random)")
+    rank_align: int = option(8, "ranks are multiples of this (tensor-core and SIMD friendly)")
     # labels of the backward passes that give the gradient statistics: "data" (the calibration
     # text's next tokens: the empirical Fisher, as FWSVD and VAC use it) or "model" (tokens drawn
-    # from the model's own next-token distribution: the true Fisher, which equals the Gauss-Newton
-    # curvature of the loss that the truncation errors are meant to estimate)
-    fisher_labels: str = "data"
-    # knapsack: block i's loss estimates are weighted by exp(depth_tilt * i / (blocks - 1)) when the
-    # ranks are chosen; > 0 protects later blocks. The Kronecker-Fisher estimates of a one-shot
-    # truncation price early blocks too high relative to late ones on the demo model (README)
-    depth_tilt: float = 0.0
-    batch_size: int = 4
-    seed: int = 0
-    options: MethodOptions = field(default_factory=MethodOptions)
-    search: SearchOptions = field(default_factory=SearchOptions)
+    # from the model's own next-token distribution: the true Fisher)
+    fisher_labels: str = option("data", "gradient statistics from the text's next tokens (data: empirical Fisher) "
+                                        "or from tokens drawn from the model (model: true Fisher)",
+                                choices=FISHER_LABELS, group="advanced")
+    # > 0 protects later blocks: the Kronecker-Fisher estimates of a one-shot truncation price
+    # early blocks too high relative to late ones on the demo model (docs/results.md)
+    depth_tilt: float = option(0.0, "knapsack: weight block i's loss estimates by exp(TILT * i / (blocks - 1)) "
+                                    "when solving", group="advanced")
+    # the chosen method's own options (its Options dataclass); None: its defaults
+    options: object = option(None, "options of --method", cli=False)
+    search: SearchOptions = option(help="the evolutionary search's options", cli=False, default_factory=SearchOptions)
 
     def __post_init__(self):
         if not (0.0 < self.keep <= 1.0):
             raise VaclmError(f"keep must be in (0, 1], got {self.keep} (e.g. --keep 0.8 keeps 80% of the parameters)")
-        if self.method not in METHODS:
-            raise VaclmError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.allocation not in ALLOCATIONS:
-            raise VaclmError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        from .methods import method_options  # validates the name too
+
+        object.__setattr__(self, "options", method_options(self.method, self.options))
         if self.order not in ORDERS:
             raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
         if not abs(self.depth_tilt) <= 20:
@@ -154,23 +114,26 @@ class CompressConfig:
             raise VaclmError(f"rank alignment must be >= 1, got {self.rank_align}")
         if self.allocation == "evolve" and self.search.generations is None and self.search.time_limit is None:
             raise VaclmError("--allocation evolve needs --generations N, --time-limit SECONDS, or both")
-        if self.search.search_exponent and self.method != "fwsvd":
-            raise VaclmError(f"--search-exponent needs a method with a Fisher exponent (fwsvd); {self.method} has none")
         for name in ("calib_samples", "calib_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise VaclmError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return {"type": "CompressConfig", "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        data = dataclasses.asdict(self)
+        data["options"] = dataclasses.asdict(self.options)
+        return {"type": "CompressConfig", "version": CONFIG_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressConfig":
-        data = dict(data)
-        if data.pop("type", "CompressConfig") != "CompressConfig":
-            raise VaclmError("not a CompressConfig dictionary")
-        version = data.pop("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise VaclmError(f"config version {version} is newer than this vaclm ({CONFIG_VERSION}); upgrade vaclm")
-        options = MethodOptions(**data.pop("options", {}))
-        search = SearchOptions(**data.pop("search", {}))
+        data, version = unpack_versioned(data, "CompressConfig", CONFIG_VERSION)
+        options = data.pop("options", None) or {}
+        if version < 2:  # one options object for every method; drop what this method never read
+            from .methods import method_class
+
+            known = {f.name for f in dataclasses.fields(method_class(data.get("method", cls.method)).Options)}
+            options = {k: v for k, v in options.items() if k in known}
+            for name in REMOVED_IN_V2:
+                data.pop(name, None)
+        search = {k: v for k, v in data.pop("search", {}).items() if k not in REMOVED_SEARCH_OPTIONS}
+        search = SearchOptions(**search)
         return cls(options=options, search=search, **data)

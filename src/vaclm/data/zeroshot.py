@@ -1,12 +1,9 @@
-"""Zero-shot multiple-choice tasks read from local files, phrased as lm-evaluation-harness phrases them.
+"""PIQA and WinoGrande from local files, as the documents lm-evaluation-harness's task configs read.
 
-Each example becomes one (context, continuation) pair per choice; the model's log-likelihood of
-each continuation picks the answer. Templates follow lm-eval's task configs:
-- piqa (lm_eval/tasks/piqa/piqa.yaml): context "Question: {goal}\\nAnswer:", continuation " {sol}";
-  acc_norm divides by len(sol) in characters (lm-eval's `completion_len`).
-- winogrande (lm_eval/tasks/winogrande/preprocess_winogrande.py, "partial evaluation"): context is
-  the sentence up to the blank with the option put in, continuation " " + the rest after the blank
-  (stripped), the same for both options.
+The official releases keep the labels in a separate file; each document gets its label in the field
+lm-eval's config reads (piqa: `label`, 0/1; winogrande: `answer`, "1"/"2"), so lm-eval's own prompts
+and metrics apply unchanged (eval/zeroshot.py). `local_dataset` is the `custom_dataset` of the task
+YAMLs vaclm writes.
 """
 
 from __future__ import annotations
@@ -22,33 +19,28 @@ DATA_DIR_ENV = "VACLM_DATA_DIR"
 
 
 @dataclass(frozen=True)
-class Example:
-    contexts: tuple[str, ...]  # one per choice
-    continuations: tuple[str, ...]  # one per choice
-    gold: int
-    norm_lengths: tuple[float, ...]  # acc_norm divides each choice's log-likelihood by these
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
+class LocalTask:
     documents: str  # jsonl, relative to the data folder
     labels: str  # one label per line
-    metrics: tuple[str, ...]
+    fields: tuple[str, ...]  # what each document must hold
+    label_field: str  # where lm-eval's config reads the answer
+    label_type: type  # int for piqa's 0/1, str for winogrande's "1"/"2"
+    label_values: tuple[str, ...]
 
 
-TASKS = {
-    "piqa": Task("piqa", "piqa/valid.jsonl", "piqa/valid-labels.lst", ("acc", "acc_norm")),
-    "winogrande": Task("winogrande", "winogrande/dev.jsonl", "winogrande/dev-labels.lst", ("acc",)),
+LOCAL_TASKS = {
+    "piqa": LocalTask("piqa/valid.jsonl", "piqa/valid-labels.lst", ("goal", "sol1", "sol2"), "label", int, ("0", "1")),
+    "winogrande": LocalTask("winogrande/dev.jsonl", "winogrande/dev-labels.lst", ("sentence", "option1", "option2"),
+                            "answer", str, ("1", "2")),
 }
 
 
 def parse_tasks(text: str) -> list[str]:
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if not names or unknown:
-        raise VaclmError(f"unknown task {', '.join(unknown) or repr(text)}; choose from {', '.join(TASKS)} (comma-separated)")
-    return list(dict.fromkeys(names))
+    """Comma-separated task names, in order, without repeats; piqa and winogrande in any case."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise VaclmError(f"no task in --tasks {text!r}; give e.g. piqa,winogrande (comma-separated)")
+    return list(dict.fromkeys(n.lower() if n.lower() in LOCAL_TASKS else n for n in names))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -56,52 +48,43 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     chosen = data_dir or os.environ.get(DATA_DIR_ENV)
     if not chosen:
         raise VaclmError(f"zero-shot tasks read local files: pass --data-dir FOLDER (holding piqa/ and winogrande/) or set {DATA_DIR_ENV}")
-    path = Path(chosen).expanduser()
+    path = Path(chosen).expanduser().resolve()
     if not path.is_dir():
-        raise VaclmError(f"zero-shot data folder not found: {path}; pass --data-dir FOLDER holding piqa/ and winogrande/")
+        raise VaclmError(f"zero-shot data folder not found: {path}; pass --data-dir FOLDER (or set {DATA_DIR_ENV}) holding piqa/ and winogrande/")
     return path
 
 
-def load_examples(task: str, data_dir: str | os.PathLike | None, limit: int | None = None) -> list[Example]:
-    """The first `limit` examples of `task` (all when None), as lm-eval orders them: file order."""
-    spec = TASKS[task]
+def read_documents(task: str, data_dir: str | os.PathLike | None) -> list[dict]:
+    """Every document of `task` in file order (lm-eval's order), its label in lm-eval's field."""
+    spec = LOCAL_TASKS[task]
     root = resolve_data_dir(data_dir)
     docs, labels = _read_lines(root / spec.documents), _read_lines(root / spec.labels)
     if len(docs) != len(labels):
         raise VaclmError(f"{root / spec.labels} has {len(labels)} labels for {len(docs)} examples in {root / spec.documents}; restore the files")
-    if limit is not None:
-        if limit < 1:
-            raise VaclmError(f"--limit must be at least 1, got {limit}")
-        docs, labels = docs[:limit], labels[:limit]
-    build = _piqa if task == "piqa" else _winogrande
-    examples = []
+    out = []
     for i, (line, label) in enumerate(zip(docs, labels)):
         try:
-            examples.append(build(json.loads(line), label))
+            doc = json.loads(line)
+            fields = {f: doc[f] for f in spec.fields}
+            if not all(isinstance(v, str) for v in fields.values()):
+                raise TypeError(f"{', '.join(spec.fields)} must be strings")
+            if label.strip() not in spec.label_values:
+                raise ValueError(f"label {label!r} is not one of {', '.join(spec.label_values)}")
+            out.append({**fields, spec.label_field: spec.label_type(label.strip())})
         except (ValueError, KeyError, TypeError) as exc:
             raise VaclmError(f"{root / spec.documents} line {i + 1} is malformed ({type(exc).__name__}: {exc}); restore the file") from exc
-    return examples
+    return out
+
+
+def local_dataset(task: str, data_dir: str, **lm_eval_metadata):
+    """lm-eval's `custom_dataset` hook: the documents as a DatasetDict with one "validation" split."""
+    import datasets
+
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(read_documents(task, data_dir))})
 
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise VaclmError(f"zero-shot data file missing: {path}; check --data-dir (see the data folder's SOURCE.md)")
+        raise VaclmError(f"zero-shot data file missing: {path}; pass --data-dir FOLDER (or set {DATA_DIR_ENV}) holding "
+                         "piqa/ and winogrande/ (see the data folder's SOURCE.md)")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _piqa(doc: dict, label: str) -> Example:
-    gold = int(label)
-    if gold not in (0, 1):
-        raise ValueError(f"label {label!r} is not 0 or 1")
-    context = f"Question: {doc['goal']}\nAnswer:"
-    sols = (doc["sol1"], doc["sol2"])
-    return Example((context, context), tuple(f" {s}" for s in sols), gold, tuple(float(len(s)) for s in sols))
-
-
-def _winogrande(doc: dict, label: str) -> Example:
-    gold = {"1": 0, "2": 1}[label.strip()]
-    sentence = doc["sentence"]
-    blank = sentence.index("_")
-    contexts = tuple(sentence[:blank] + option for option in (doc["option1"], doc["option2"]))
-    continuation = " " + sentence[blank + 1 :].strip()
-    return Example(contexts, (continuation, continuation), gold, tuple(float(len(c)) for c in contexts))

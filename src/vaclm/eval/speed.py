@@ -25,16 +25,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import VaclmError
+from ..options import int_list, option
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    prefill_lens: tuple[int, ...] = (512, 2048)
-    decode_batches: tuple[int, ...] = (1, 8)
-    prompt_len: int = 16
-    new_tokens: int = 128
-    reps: int = 5
-    seed: int = 0
+    prefill_lens: tuple[int, ...] = option((512, 2048), "prefill lengths at batch 1, e.g. 512,2048", parse=int_list)
+    decode_batches: tuple[int, ...] = option((1, 8), "decode batch sizes, e.g. 1,8", parse=int_list)
+    prompt_len: int = option(16, "prompt tokens before the timed decode steps", cli=False)
+    new_tokens: int = option(128, "decode steps timed per run")
+    reps: int = option(5, "timed repetitions per measurement (median)")
+    seed: int = option(0, "seed of the random prompts", cli=False)
 
     def check(self) -> None:
         if self.reps < 1 or self.new_tokens < 1 or self.prompt_len < 1:

@@ -32,13 +32,13 @@ def fingerprint(config_dict: dict, calib: torch.Tensor, model_id: str) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
+def atomic_write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -50,8 +50,8 @@ _FIELDS = ("sq_sum", "cov", "fisher_rows", "fisher_cols")
 def save_gradients(path: Path, stats: dict[str, GradientStats]) -> None:
     """Gradient statistics as safetensors; shapes and counts in the metadata."""
     tensors = {f"{n}.{f}": getattr(s, f) for n, s in stats.items() for f in _FIELDS if getattr(s, f) is not None}
-    meta = {n: [s.out_dim, s.in_dim, s.tokens, s.samples] for n, s in stats.items()}
-    _atomic_save(tensors, path, metadata={"vaclm_gradients": json.dumps(meta)})
+    meta = {n: [s.out_dim, s.in_dim, s.tokens, s.samples, s.fisher_scale] for n, s in stats.items()}
+    atomic_save(tensors, path, metadata={"vaclm_gradients": json.dumps(meta)})
 
 
 def load_gradients(path: Path) -> dict[str, GradientStats]:
@@ -61,12 +61,12 @@ def load_gradients(path: Path) -> dict[str, GradientStats]:
         meta = json.loads(handle.metadata()["vaclm_gradients"])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     stats = {}
-    for name, (out_dim, in_dim, tokens, samples) in meta.items():
+    for name, (out_dim, in_dim, tokens, samples, fisher_scale) in meta.items():
         s = GradientStats(out_dim, in_dim, cov=f"{name}.cov" in tensors, fisher=f"{name}.fisher_rows" in tensors)
         for field in _FIELDS:
             if f"{name}.{field}" in tensors:
                 setattr(s, field, tensors[f"{name}.{field}"])
-        s.tokens, s.samples = tokens, samples
+        s.tokens, s.samples, s.fisher_scale = tokens, samples, fisher_scale
         stats[name] = s
     return stats
 
@@ -88,19 +88,17 @@ class Checkpoint:
             self._save_state()
 
     def _save_state(self) -> None:
-        _atomic_write_json(self.folder / "state.json", self.state)
+        atomic_write_json(self.folder / "state.json", self.state)
 
     # ranks -------------------------------------------------------------------------------------
-    def plan(self) -> tuple[dict, dict, dict | None] | None:
-        """Ranks, allocation table and (knapsack runs) every matrix's candidates, as saved."""
+    def plan(self) -> tuple[dict, dict] | None:
+        """Ranks and allocation table, as saved."""
         if "ranks" not in self.state:
             return None
-        return self.state["ranks"], self.state.get("allocation", {}), self.state.get("candidates")
+        return self.state["ranks"], self.state.get("allocation", {})
 
-    def save_plan(self, ranks: dict, allocation: dict, candidates: dict | None = None) -> None:
+    def save_plan(self, ranks: dict, allocation: dict) -> None:
         self.state["ranks"], self.state["allocation"] = ranks, allocation
-        if candidates is not None:
-            self.state["candidates"] = candidates
         self._save_state()
 
     # gradient statistics -----------------------------------------------------------------------
@@ -120,7 +118,7 @@ class Checkpoint:
         tensors = {}
         for name, (up, down) in factors.items():
             tensors[f"{name}.up"], tensors[f"{name}.down"] = up, down
-        _atomic_save(tensors, self.folder / f"block-{block}.safetensors")
+        atomic_save(tensors, self.folder / f"block-{block}.safetensors")
         self.state["completed"].append(block)
         self.state["errors"].update(errors)
         self._save_state()

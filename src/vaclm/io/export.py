@@ -26,7 +26,7 @@ def to_dense(model) -> None:
 
 
 def export_dense(source: str, out: Path, overwrite: bool = False, dtype: str = "auto") -> Path:
-    from ..model.loading import load_model
+    from .loading import load_model
     from .save import check_output, lowrank_ranks, save_model
 
     check_output(Path(out), overwrite)
@@ -39,7 +39,7 @@ def export_dense(source: str, out: Path, overwrite: bool = False, dtype: str = "
 
 def export_int8(source: str, out: Path, overwrite: bool = False, dtype: str = "auto") -> Path:
     """A vaclm folder with float factors -> the same ranks with int8 factors and per-row scales."""
-    from ..model.loading import load_model
+    from .loading import load_model
     from ..model.surgery import quantize_factors
     from .save import check_output, int8_flag, lowrank_ranks, save_model
 

@@ -1,23 +1,24 @@
 """Registers quant_method "vaclm" with transformers, so a saved folder loads with plain
-`AutoModelForCausalLM.from_pretrained(folder)` after `import vaclm`: before the weights load, the
-listed modules become LowRankLinear (Int8LowRankLinear when "int8" is set) of the saved ranks.
-No trust_remote_code, no pickle.
+`AutoModelForCausalLM.from_pretrained(folder)`: before the weights load, the listed modules become
+LowRankLinear (Int8LowRankLinear when "int8" is set) of the saved ranks. No trust_remote_code, no pickle.
+
+`import vaclm` registers it; so does vaclm-hook.pth (src/_vaclm_hook.py) in any process that imports
+transformers' quantizers, so lm-eval, vLLM or a script that never imports vaclm load the folder too.
+A version 2 folder also carries WEIGHTS_MARKER as config.json's "transformers_weights": the quantizer
+removes it before transformers looks for the weights file, and without vaclm transformers refuses it.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
+import transformers.quantizers.auto  # noqa: F401  (register() below uses it)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .validate import FORMAT_VERSION, check_tensors, tensor_meta
+from ..errors import VaclmError
+from .validate import FORMAT_VERSION, check_tensors, is_weights_marker, tensor_meta
 
 QUANT_METHOD = "vaclm"
 
@@ -35,8 +36,29 @@ class VaclmConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "version": self.version, "ranks": dict(self.ranks), "int8": self.int8}
 
 
+def release_weights(config) -> None:
+    """Drop the version 2 marker so transformers reads the standard weights file."""
+    if is_weights_marker(getattr(config, "transformers_weights", None)):
+        del config.transformers_weights
+
+
 class VaclmQuantizer(HfQuantizer):
     requires_calibration = True  # a dense model cannot be "loaded compressed": run `vaclm compress`
+
+    # transformers passes the model config to one of these between reading the quantization config and
+    # looking for the weights file (update_tp_plan and update_ep_plan in 5.0 to 5.18, also
+    # update_attn_implementation from 5.19): each takes the marker out, so the standard file is found.
+    def update_tp_plan(self, config):
+        release_weights(config)
+        return getattr(super(), "update_tp_plan", lambda c: c)(config)
+
+    def update_ep_plan(self, config):
+        release_weights(config)
+        return getattr(super(), "update_ep_plan", lambda c: c)(config)
+
+    def update_attn_implementation(self, config):
+        release_weights(config)
+        return getattr(super(), "update_attn_implementation", lambda c: c)(config)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from ..model.arch import get_submodule, set_submodule
@@ -44,14 +66,21 @@ class VaclmQuantizer(HfQuantizer):
         from ..model.lowrank import LowRankLinear
         from ..model.surgery import dense_weight
 
-        if checkpoint_files:
-            files = [Path(f) for f in checkpoint_files if str(f).endswith(".safetensors")]
-            check_tensors(self.quantization_config.to_dict(), tensor_meta(files), str(Path(files[0]).parent))
+        files = [Path(f) for f in checkpoint_files or () if str(f).endswith(".safetensors")]
+        if not files:  # never load unchecked factors: a damaged folder would give random layers
+            raise VaclmError("cannot check this vaclm folder: transformers passed no .safetensors checkpoint files to "
+                             "the vaclm quantizer; load it with vaclm.load(folder) or upgrade transformers")
+        check_tensors(self.quantization_config.to_dict(), tensor_meta(files), str(files[0].parent))
         kind = Int8LowRankLinear if self.quantization_config.int8 else LowRankLinear
         for name, rank in self.quantization_config.ranks.items():
             weight, bias = dense_weight(get_submodule(model, name))
             out_f, in_f = weight.shape
             set_submodule(model, name, kind(in_f, out_f, rank, bias is not None, device=weight.device, dtype=weight.dtype))
+            # the checked checkpoint holds every factor: the parent's own weight initialisation (e.g.
+            # GPT-2's, which writes `c_proj.weight` when another key is missing) has nothing to do
+            parent = get_submodule(model, name.rpartition(".")[0])
+            if not any(True for _ in parent.parameters(recurse=False)) and not any(True for _ in parent.buffers(recurse=False)):
+                parent._is_hf_initialized = True
         return model
 
     def is_serializable(self):
@@ -63,11 +92,13 @@ class VaclmQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Idempotent: importing vaclm twice (or reloading) must not raise."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(VaclmConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(VaclmQuantizer)
+    """Idempotent: importing vaclm twice (or reloading either module) must not raise."""
+    auto = importlib.import_module("transformers.quantizers.auto")  # the current one: a reload makes new mappings
+
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(VaclmConfig)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(VaclmQuantizer)
 
 
 register()

@@ -28,10 +28,7 @@ def write_allocation(folder: Path, result) -> None:
 
 
 def plot_heatmap(table: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays untouched
     import numpy as np
 
     parsed = [(int(m.group(1)), m.group(2), v["kept"]) for n, v in table.items()
@@ -43,7 +40,8 @@ def plot_heatmap(table: dict, path: Path, title: str) -> None:
     grid = np.full((len(kinds), blocks), np.nan)
     for b, k, kept in parsed:
         grid[kinds.index(k), b] = kept
-    fig, ax = plt.subplots(figsize=(max(6, blocks * 0.3), 1 + 0.4 * len(kinds)))
+    fig = Figure(figsize=(max(6, blocks * 0.3), 1 + 0.4 * len(kinds)))
+    ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("block")
@@ -51,4 +49,3 @@ def plot_heatmap(table: dict, path: Path, title: str) -> None:
     fig.colorbar(im, ax=ax, label="kept fraction")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

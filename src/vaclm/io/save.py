@@ -77,7 +77,7 @@ def int8_flag(model) -> bool:
 
 def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None,
                write_extra=None) -> Path:
-    """Save in the vaclm format (safetensors + quantization_config) or, with no factors, plainly."""
+    """Save in the vaclm format (safetensors + quantization_config + weights marker) or, with no factors, plainly."""
     from .hf_quantizer import VaclmConfig
 
     ranks = lowrank_ranks(model)
@@ -87,6 +87,8 @@ def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report
         model.config.__dict__.pop("quantization_config", None)
     with AtomicFolder(out, overwrite) as tmp:
         model.save_pretrained(tmp)
+        if ranks:
+            mark_weights(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -94,3 +96,13 @@ def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report
         if write_extra is not None:
             write_extra(tmp)
     return Path(out)
+
+
+def mark_weights(config_file: Path) -> None:
+    """Format version 2: config.json names WEIGHTS_MARKER as its weights file, which transformers
+    without vaclm refuses (vaclm's quantizer removes it first). save_pretrained never writes this key."""
+    from .validate import WEIGHTS_MARKER
+
+    config = json.loads(config_file.read_text())
+    config["transformers_weights"] = WEIGHTS_MARKER
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

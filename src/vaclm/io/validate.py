@@ -12,7 +12,20 @@ from pathlib import Path
 
 from ..errors import VaclmError
 
-FORMAT_VERSION = 1
+# 1: factors and quantization_config only. 2: also the WEIGHTS_MARKER below; both are read.
+FORMAT_VERSION = 2
+
+# Version 2 writes this as config.json's "transformers_weights" (the weights file transformers should
+# read). Where vaclm's quantizer is registered it is removed before any file is looked up, and the
+# standard model.safetensors loads; transformers without vaclm (4.57 and later) refuses it with an
+# error ending in this text, instead of loading the model with its factorised layers left random.
+WEIGHTS_MARKER = ("vaclm: this folder holds vaclm low-rank factors and loads only where vaclm is installed "
+                  "(pip install vaclm); a plain transformers load would leave those layers random")
+
+
+def is_weights_marker(value) -> bool:
+    """A marker written by any vaclm version (the wording may change; the prefix does not)."""
+    return isinstance(value, str) and value.startswith("vaclm:")
 
 
 def read_vaclm_config(folder: Path) -> dict | None:
@@ -71,8 +84,8 @@ def check_tensors(qc: dict, meta: dict[str, tuple[list[int], str]], where: str) 
 
 def check_ranks(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
     version = qc.get("version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise VaclmError(f"{where}: vaclm format version {version!r} is not supported (this vaclm reads <= {FORMAT_VERSION}); upgrade vaclm")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise VaclmError(f"{where}: vaclm format version {version!r} is not supported (this vaclm reads 1 to {FORMAT_VERSION}); upgrade vaclm")
     ranks = qc.get("ranks")
     if not isinstance(ranks, dict):
         raise VaclmError(f"{where}: quantization_config has no 'ranks' table; the folder is damaged, re-save it")

@@ -11,45 +11,22 @@ import torch
 
 
 class InputStats:
-    """Sum of x x^T (input Gram) and of |x| over tokens, for inputs of width `dim`.
+    """Sum of x x^T (input Gram) and of |x| over tokens, for inputs of width `dim`."""
 
-    With `paired`, each batch also comes with the inputs x_d the *dense* model feeds the same
-    layer on the same tokens, and the cross Gram x_d x^T is kept too. It lets a method fit W' x
-    to the dense output W x_d instead of W x, so the compressed prefix's drift is corrected
-    rather than inherited (linalg/whitening.py, `right_whitened`).
-    """
-
-    def __init__(self, dim: int, device: torch.device | str = "cpu", paired: bool = False):
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device) if paired else None
         self.tokens = 0
 
-    def add_batch(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+    def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.gram += (x.T @ x).to(self.gram)
         self.abs_sum += x.abs().sum(0).to(self.abs_sum)
-        if self.cross is not None:
-            if dense is None:
-                raise ValueError("paired input statistics need the dense model's inputs of every batch")
-            d = dense.detach().reshape(-1, dense.shape[-1]).float()
-            if d.shape != x.shape:
-                raise ValueError(f"dense inputs {tuple(d.shape)} do not pair with inputs {tuple(x.shape)}")
-            self.cross += (d.T @ x).to(self.cross)
         self.tokens += x.shape[0]
-
-    @property
-    def paired(self) -> bool:
-        return self.cross is not None
 
     @property
     def mean_gram(self) -> torch.Tensor:
         return self.gram / max(self.tokens, 1)
-
-    @property
-    def mean_cross(self) -> torch.Tensor:
-        """E[x_d x^T] (in x in): dense inputs times compressed-prefix inputs."""
-        return self.cross / max(self.tokens, 1)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -61,7 +38,7 @@ class GradientStats:
 
     Always: the energy of g per output (sum of g^2, a vector; what allocation prices layers by).
     With `cov`: B = E[g g^T] (out x out), the output side of the Kronecker-factored Fisher.
-    With `fisher`: row and column sums of the diagonal Fisher of W, the mean over samples of
+    With `fisher`: row and column sums of the diagonal Fisher of W, the sum over samples of
     (dL/dW)^2 with dL/dW = G^T X for a sample's output gradients G and inputs X. Only the sums
     are kept (they are what the Fisher-weighted methods use); the full out x in matrix would
     double the model's memory. dL/dW is formed `chunk` rows at a time to bound the temporary.
@@ -77,6 +54,9 @@ class GradientStats:
         self.tokens = 0
         self.samples = 0
         self.chunk = chunk
+        # L is a sequence's *mean* loss over its T' labelled positions, so each token's gradient
+        # carries 1/T': B times `fisher_scale` = T T' is the per-token Fisher (gradient_stats sets it)
+        self.fisher_scale = 1.0
 
     def add_sample(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """One sample's inputs x (tokens x in) and output gradients g (tokens x out)."""

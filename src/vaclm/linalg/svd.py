@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 
@@ -33,25 +31,13 @@ def tail_errors(singular_values: torch.Tensor) -> torch.Tensor:
     return tail_sums(singular_values.square())
 
 
-def priced_errors(u: torch.Tensor, s: torch.Tensor, price_left: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return tail_sums(price_left(u * s).square().sum(0))
+def error_curve(matrix: torch.Tensor) -> torch.Tensor:
+    """The errors of every truncation; no singular vectors are formed (cheaper)."""
+    return tail_errors(torch.linalg.svdvals(matrix.double()))
 
 
-def error_curve(matrix: torch.Tensor, price_left: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The errors of every truncation; without `price_left` no singular vectors are formed (cheaper)."""
-    if price_left is None:
-        return tail_errors(torch.linalg.svdvals(matrix.double()))
-    u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return priced_errors(u, s, price_left)
-
-
-def truncated_svd(matrix: torch.Tensor, max_rank: int,
-                  price_left: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TruncatedSVD:
-    """`price_left` measures the errors in another left metric than the one truncated in: for
-    M = U S V^T and a map P, dropping components r on costs ||P U_{>r} S_{>r} V_{>r}^T||^2
-    = sum_{i >= r} ||P u_i s_i||^2 (V has orthonormal rows), so each component has its own price."""
+def truncated_svd(matrix: torch.Tensor, max_rank: int) -> TruncatedSVD:
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    errors = tail_errors(s) if price_left is None else priced_errors(u, s, price_left)
     k = min(max_rank, s.numel())
     root = s[:k].sqrt()
-    return TruncatedSVD(left=u[:, :k] * root, right=root[:, None] * vh[:k], errors=errors)
+    return TruncatedSVD(left=u[:, :k] * root, right=root[:, None] * vh[:k], errors=tail_errors(s))

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import InputStats
-
 
 @dataclass
 class SqrtFactor:
@@ -71,30 +69,3 @@ def sqrt_factor(gram: torch.Tensor, relative_damping: float) -> SqrtFactor:
     floor = max(relative_damping, 1e-10) * values.abs().max().clamp_min(1e-12)
     root = values.clamp_min(floor).sqrt()
     return SqrtFactor(vectors * root, False, vectors.T / root[:, None])
-
-
-def right_whitened(p: torch.Tensor, inputs: InputStats, root: SqrtFactor) -> torch.Tensor:
-    """The matrix M whose rank-r truncation M_r gives the best rank-r W' = M_r S^-1 (root: S S^T = A).
-
-    Plain statistics: M = P S, and W' minimises E||P (W - W') x||^2 (svd-llm's whitening; P is a
-    left weighting applied to W already, or W itself). Paired statistics (inputs x of the
-    compressed prefix, x_d of the dense model, K = E[x_d x^T]): M = P K S^-T, and W' minimises
-    E||P W x_d - P W' x||^2, the layer's output error against the dense model: with A = S S^T,
-    that objective is ||W'' S - P K S^-T||^2 plus a constant, for W'' = P W'.
-    """
-    if inputs.paired:
-        return root.times_inverse_t(p @ inputs.mean_cross.to(p))
-    return p @ root.factor
-
-
-def dense_target_offset(p: torch.Tensor, inputs: InputStats, root: SqrtFactor, matrix: torch.Tensor) -> float:
-    """What to add to ||M - M_r||^2 so that it measures the error of W'_r *minus* the error of
-    keeping W (per token, paired statistics): E||P(W x_d - W'_r x)||^2 - E||P W (x_d - x)||^2.
-
-    Expanding both, E[x_d x_d^T] cancels: offset = 2 <P K, P> - ||P S||^2 - ||M||^2. It is 0 for
-    plain statistics; a negative error means the factorisation beats the drifting dense W.
-    """
-    if not inputs.paired:
-        return 0.0
-    k = inputs.mean_cross.to(p)
-    return float(2 * ((p @ k) * p).sum() - (p @ root.factor).square().sum() - matrix.square().sum())

@@ -1,10 +1,25 @@
 """ASVD: activation-aware SVD, columns scaled by mean|x|^alpha of the layer input."""
 
+from dataclasses import dataclass
+
+from ..errors import VaclmError
+from ..options import option
 from .base import Method, Weighting, identity, normalized_scale, register
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    asvd_alpha: float = option(0.5, "asvd: column scaling by mean|x|^ALPHA")
+    scale_clamp: float = option(1e3, "fwsvd/asvd: scales are clamped to [mean/CLAMP, mean*CLAMP]")
+
+    def __post_init__(self):
+        if not self.scale_clamp >= 1:
+            raise VaclmError(f"scale clamp must be >= 1, got {self.scale_clamp}")
 
 
 @register("asvd")
 class ActivationAwareSVD(Method):
+    Options = ActivationOptions
     needs_inputs = True
 
     def _cols(self, stats):

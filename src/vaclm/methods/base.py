@@ -10,18 +10,22 @@ Truncations are nested: rank-r factors are the first r columns of `up` and rows 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..config import MethodOptions
 from ..errors import VaclmError
 from ..linalg.stats import GradientStats, InputStats
 from ..linalg.svd import error_curve, truncated_svd
+from ..options import NoOptions, Registry
 
-_REGISTRY: dict[str, type["Method"]] = {}
+# name -> Method subclass; filled by the method modules that vaclm.methods imports
+METHODS = Registry("method")
+register = METHODS.register
+method_class = METHODS.get_class
 
 
 @dataclass
@@ -36,10 +40,6 @@ class Weighting:
     unweight_left: Callable[[torch.Tensor], torch.Tensor]  # out x k -> `up`
     unweight_right: Callable[[torch.Tensor], torch.Tensor]  # k x in -> `down`
     metric: str
-    offset: float = 0.0  # added to every truncation error (dense targets: relative to keeping W)
-    # errors measured in another left metric than `matrix` is truncated in (linalg/svd.py): maps
-    # weighted-space columns (out x k) to the pricing space; None: the truncation's own metric
-    price_left: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -65,15 +65,13 @@ def identity(t: torch.Tensor) -> torch.Tensor:
 
 class Method(ABC):
     name: str
+    Options: type = NoOptions  # the method's own options: a frozen dataclass of option() fields
     needs_inputs: bool = False  # input Gram / mean |x|
     needs_cov: bool = False  # output-gradient covariance B
     needs_fisher: bool = False  # diagonal-Fisher row/column sums
-    # whitens by the input Gram, so paired statistics let it fit the dense model's outputs
-    # (linalg/whitening.py, right_whitened); the sequential pipeline then collects them
-    fits_dense_targets: bool = False
 
-    def __init__(self, options: MethodOptions):
-        self.options = options
+    def __init__(self, options=None):
+        self.options = self.Options() if options is None else options
 
     @abstractmethod
     def weighting(self, weight: torch.Tensor, stats: LayerStats) -> Weighting: ...
@@ -81,21 +79,21 @@ class Method(ABC):
     def factorize(self, weight: torch.Tensor, stats: LayerStats, max_rank: int) -> Factorization:
         self._require(stats)
         w = self.weighting(weight.double(), stats)
-        t = truncated_svd(w.matrix, max_rank, w.price_left)
-        return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors + w.offset, w.metric)
+        t = truncated_svd(w.matrix, max_rank)
+        return Factorization(w.unweight_left(t.left), w.unweight_right(t.right), t.errors, w.metric)
 
     def error_curve(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         self._require(stats)
-        w = self.weighting(weight.double(), stats)
-        return error_curve(w.matrix, w.price_left) + w.offset
+        return error_curve(self.weighting(weight.double(), stats).matrix)
 
     def loss_scale(self, weight: torch.Tensor, stats: LayerStats) -> float:
-        """Multiplier turning this method's error into an estimated loss increase.
+        """Multiplier turning this method's error into an estimated loss increase, in nats per token.
 
         The second-order estimate of the loss increase of dW is 1/2 vec(dW)^T F vec(dW) with the
-        Kronecker Fisher F ~ A (x) B. A method whose metric ignores B (or A) is priced with B (or A)
-        replaced by its mean diagonal, an isotropic stand-in: the layer's gradient (or input)
-        energy per dimension. Without gradient statistics B is taken as the identity.
+        Kronecker Fisher F ~ A (x) (B * fisher_scale) (linalg/stats.py). A method whose metric
+        ignores B (or A) is priced with B (or A) replaced by its mean diagonal, an isotropic
+        stand-in: the layer's gradient (or input) energy per dimension. Without gradient
+        statistics B is taken as the identity.
         """
         return self._output_energy(stats)
 
@@ -104,8 +102,13 @@ class Method(ABC):
         return self.needs_cov or self.needs_fisher
 
     @staticmethod
-    def _output_energy(stats: LayerStats) -> float:
-        return stats.gradients.output_energy if stats.gradients is not None else 1.0
+    def _fisher_unit(stats: LayerStats) -> float:
+        """1/2 times the factor that makes B the per-token Fisher: scales every method's estimate."""
+        return 0.5 * (stats.gradients.fisher_scale if stats.gradients is not None else 1.0)
+
+    @classmethod
+    def _output_energy(cls, stats: LayerStats) -> float:
+        return cls._fisher_unit(stats) * (stats.gradients.output_energy if stats.gradients is not None else 1.0)
 
     @staticmethod
     def _input_energy(stats: LayerStats) -> float:
@@ -118,21 +121,27 @@ class Method(ABC):
             raise ValueError(f"method {self.name} needs gradient statistics")
 
 
-def register(name: str):
-    def wrap(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+def method_options(name: str, options=None, **overrides):
+    """The options of method `name`: its defaults, an instance of its Options, or a dict of its
+    fields (a saved report), with `overrides` applied. Another method's option is refused."""
+    cls = method_class(name)
+    if options is None:
+        options = {}
+    if isinstance(options, dict):
+        options = {**options, **overrides}
+        overrides = {}
+    elif not isinstance(options, cls.Options):
+        raise VaclmError(f"method {name} takes {cls.Options.__name__}, got {type(options).__name__}")
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(options if isinstance(options, dict) else {}) - known | set(overrides) - known)
+    if unknown:
+        raise VaclmError(f"method {name} has no option {unknown[0]!r}; its options: {', '.join(sorted(known)) or 'none'}")
+    return cls.Options(**options) if isinstance(options, dict) else dataclasses.replace(options, **overrides)
 
-    return wrap
 
-
-def build_method(name: str, options: MethodOptions) -> Method:
-    from . import asvd, fwsvd, gfwsvd, svd, svd_llm  # noqa: F401  (fill the registry)
-
-    if name not in _REGISTRY:
-        raise VaclmError(f"unknown method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](options)
+def build_method(name: str, options=None, **overrides) -> Method:
+    """Method `name` with `options` (see method_options), e.g. build_method("gfwsvd", damping=1e-4)."""
+    return method_class(name)(method_options(name, options, **overrides))
 
 
 def normalized_scale(values: torch.Tensor, exponent: float, clamp: float) -> torch.Tensor:

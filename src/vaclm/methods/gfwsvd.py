@@ -3,42 +3,42 @@
 A = E[x x^T] (layer inputs), B = E[g g^T] (gradients of the loss at the layer output). With
 A = Sa Sa^T and B = Sb Sb^T, the SVD of Sb^T W Sa truncated at r minimises
 ||Sb^T (W - W') Sa||_F^2 = vec(dW)^T (A (x) B) vec(dW), the Kronecker-Fisher quadratic form that
-estimates the loss increase of the truncation (loss_scale 1): that is why its errors price ranks
-across matrices directly. With B = I it is exactly svd-llm. With paired statistics (sequential
-runs) the input side fits the dense model's output W x_d (linalg/whitening.py, right_whitened).
+estimates the loss increase of the truncation (up to the constant unit of base.loss_scale): that
+is why its errors price ranks across matrices directly. With B = I it is exactly svd-llm.
 """
 
-from ..linalg.whitening import dense_target_offset, right_whitened, sqrt_factor
+from dataclasses import dataclass
+
+from ..linalg.whitening import sqrt_factor
+from ..options import option
 from .base import Method, Weighting, register
+from .svd_llm import check_damping
+
+
+@dataclass(frozen=True)
+class KroneckerOptions:
+    damping: float = option(1e-6, "svd-llm/gfwsvd: relative damping of the input Gram: G + DAMPING * mean(diag G) * I")
+    cov_damping: float | None = option(None, "gfwsvd: relative damping of the output-gradient covariance B "
+                                             "(default: --damping)")
+
+    def __post_init__(self):
+        check_damping("damping", self.damping)
+        check_damping("covariance damping", self.cov_damping)
 
 
 @register("gfwsvd")
 class KroneckerFisherSVD(Method):
+    Options = KroneckerOptions
     needs_inputs = True
     needs_cov = True
-    fits_dense_targets = True
 
     def weighting(self, weight, stats):
         options = self.options
         cov_damping = options.damping if options.cov_damping is None else options.cov_damping
         a = sqrt_factor(stats.inputs.mean_gram.to(weight.device), options.damping)
         b = sqrt_factor(stats.gradients.mean_cov.to(weight.device), cov_damping)
-        left_weighted = b.factor.T @ weight
-        matrix = right_whitened(left_weighted, stats.inputs, a)
-        return Weighting(matrix, b.inverse_t_times, a.times_inverse,
-                         metric="vec(dW)^T (A x B) vec(dW)", offset=dense_target_offset(left_weighted, stats.inputs, a, matrix),
-                         price_left=self._price_left(stats, b, cov_damping))
-
-    def _price_left(self, stats, b, cov_damping):
-        """A B damped less (or more) for pricing than for factorising: a strongly damped B gives
-        factors that generalise better, while the loss estimate wants B as measured. The error
-        of factors truncated under B_f, in the metric of B_p: ||Sp^T Sf^-T U_{>r} S_{>r}||^2.
-        With --dense-targets the offset stays in the factorisation's metric: an approximation."""
-        price_damping = self.options.price_cov_damping
-        if price_damping is None or price_damping == cov_damping:
-            return None
-        p = sqrt_factor(stats.gradients.mean_cov.to(b.factor.device), price_damping)
-        return lambda columns: p.factor.T @ b.inverse_t_times(columns)
+        return Weighting(b.factor.T @ weight @ a.factor, b.inverse_t_times, a.times_inverse,
+                         metric="vec(dW)^T (A x B) vec(dW)")
 
     def loss_scale(self, weight, stats):
-        return 1.0
+        return self._fisher_unit(stats)

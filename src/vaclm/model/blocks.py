@@ -22,10 +22,6 @@ class _Stop(Exception):
     pass
 
 
-class StopBlock(Exception):
-    """Raised by a hook once it has what it needs: the rest of the block is skipped for that batch."""
-
-
 def move(obj: Any, device) -> Any:
     """Tensors inside nested tuples/lists/dicts moved to `device`; everything else unchanged."""
     if isinstance(obj, torch.Tensor):
@@ -66,7 +62,7 @@ def _recording_blocks(blocks: nn.ModuleList, on_call):
 
 
 class InputCache:
-    """Cached inputs of blocks for one stream of hidden states (the model's, or the dense model's).
+    """Cached inputs of blocks for one stream of hidden states.
 
     `inputs_for(i)` walks forward from the nearest cached block at or before i and caches what it
     passes; `prune` keeps, for each block still to process, only the nearest entry before it.
@@ -74,14 +70,10 @@ class InputCache:
 
     def __init__(self, first: list[torch.Tensor]):
         self.inputs: dict[int, list[torch.Tensor]] = {0: first}
-        # blocks this stream must not be walked through (the dense stream: blocks already edited)
-        self.frozen: set[int] = set()
 
     def inputs_for(self, i: int, run_block) -> list[torch.Tensor]:
         start = max(k for k in self.inputs if k <= i)
         for k in range(start, i):
-            if k in self.frozen:
-                raise RuntimeError(f"inputs of block {i} would need block {k}, which was edited since")
             self.inputs[k + 1] = run_block(k, self.inputs[k])
         return self.inputs[i]
 
@@ -143,10 +135,9 @@ class BlockRunner:
         return self.model.get_input_embeddings().weight.device
 
     @contextlib.contextmanager
-    def on_device(self, i: int, block: nn.Module | None = None):
-        """Block i (or `block`, a stand-in for it) on the compute device for the duration; back
-        to the CPU after when offloading."""
-        block = self.blocks[i] if block is None else block
+    def on_device(self, i: int):
+        """Block i on the compute device for the duration; back to the CPU after when offloading."""
+        block = self.blocks[i]
         if self.offload:
             block.to(self.device)
         try:
@@ -155,11 +146,8 @@ class BlockRunner:
             if self.offload:
                 block.to(self.storage)
 
-    def _forward(self, block: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Tensor | None:
-        try:
-            return _output(block(x.to(self.device), *args, **kwargs)).to(self.storage)
-        except StopBlock:
-            return None
+    def _forward(self, block: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        return _output(block(x.to(self.device), *args, **kwargs)).to(self.storage)
 
     @torch.no_grad()
     def run_block(self, i: int, batches: list[torch.Tensor], before_batch=None) -> list[torch.Tensor]:
@@ -169,26 +157,8 @@ class BlockRunner:
             for x in batches:
                 if before_batch is not None:
                     before_batch()
-                out = self._forward(block, x, args, kwargs)
-                if out is not None:
-                    outputs.append(out)
+                outputs.append(self._forward(block, x, args, kwargs))
         return outputs
-
-    @torch.no_grad()
-    def run_pair(self, i: int, dense_block: nn.Module, dense_batches: list[torch.Tensor], batches: list[torch.Tensor],
-                 before_batch=None) -> list[torch.Tensor]:
-        """Batch by batch, `dense_block` (an unedited copy of block i) on the dense model's inputs,
-        then block i on the model's own: hooks see both inputs of one batch back to back.
-        Returns the dense block's outputs (the dense model's inputs of block i + 1)."""
-        args, kwargs = move(self.block_args[i], self.device)
-        dense_outputs = []
-        with self.on_device(i) as block, self.on_device(i, dense_block) as dense:
-            for xd, x in zip(dense_batches, batches, strict=True):
-                if before_batch is not None:
-                    before_batch()
-                dense_outputs.append(self._forward(dense, xd, args, kwargs))
-                self._forward(block, x, args, kwargs)
-        return dense_outputs
 
     def inputs_for(self, i: int) -> list[torch.Tensor]:
         return self.cache.inputs_for(i, self.run_block)

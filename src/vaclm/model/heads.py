@@ -10,11 +10,6 @@ import torch
 import torch.nn as nn
 
 
-def body(model: nn.Module) -> nn.Module:
-    """The base model (LlamaModel, GPT2Model, ...): its last_hidden_state is what the head reads."""
-    return model.base_model
-
-
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The logits `model` would produce from `hidden`, including Gemma-2/3 soft-capping."""
     logits = model.get_output_embeddings()(hidden)
@@ -28,7 +23,6 @@ def vocab_size(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def run_body(model: nn.Module, input_ids: torch.Tensor, hidden_states: bool = False):
-    """(last hidden state, all hidden states or None). hidden_states[0] is the embedding output."""
-    out = body(model)(input_ids=input_ids, use_cache=False, output_hidden_states=hidden_states)
-    return out.last_hidden_state, (out.hidden_states if hidden_states else None)
+def run_body(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The base model's (LlamaModel, GPT2Model, ...) last hidden state: what the head turns into logits."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -31,12 +31,6 @@ class LowRankLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The `down` factor. Modelling code that touches `proj.weight` (GPT-2's weight init reads
-        `c_proj.weight`; others read its dtype or device) then sees a real, already-loaded tensor."""
-        return self.down.weight
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

@@ -1,6 +1,6 @@
 """`--allocation evolve`: the knapsack solution refined by an evolutionary search, then materialised.
 
-1. Gradient statistics (as compress_model), the knapsack ranks (the start), the factor bank:
+1. Gradient statistics (as the sequential pass), the knapsack ranks (the start), the factor bank:
    one-shot factors of every matrix at its largest candidate rank (search/bank.py).
 2. Dense reference distributions on the fitness windows, a backend (this process or Ray
    workers), the engine. The search state is saved in the checkpoint folder after every
@@ -10,11 +10,10 @@
    search never scored): the winner with one-shot factors straight from the bank, the winner by
    a sequential compression in the configured order (every order with `search_order`), and the
    knapsack start as a knapsack run would build it. Candidates are scored by one-shot factors
-   because a sequential run per candidate costs minutes. Choosing on the search's own windows
-   would favour whatever the search fitted to them: on the demo model at keep 0.6 the one-shot
-   winner scored 3% below the start there and came out 2.6% worse in test perplexity than the
-   sequential start. So the selection windows decide, and a search that only fitted its windows
-   returns the knapsack start. Only the winner is materialised, so order is searched on it alone.
+   because a sequential run per candidate costs minutes. The search's own windows would favour
+   whatever it fitted to them (docs/results.md), so held-out windows decide, and a search that
+   only fitted its windows returns the knapsack start. Only the winner is materialised, so order
+   is searched on it alone.
 """
 
 from __future__ import annotations
@@ -28,19 +27,20 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..allocate.candidates import rank_grid
-from ..allocate.uniform import kept_fraction, lowrank_cost
+from ..allocate.uniform import kept_fraction
 from ..config import ORDERS, CompressConfig
 from ..errors import VaclmError
-from ..io.checkpoint import Checkpoint, _atomic_write_json
-from ..methods import build_method
+from ..io.checkpoint import atomic_write_json
 from ..model.arch import get_submodule, set_submodule
-from ..model.surgery import Targets, replace_with_lowrank
+from ..model.surgery import replace_with_lowrank
 from ..search.backends import make_backend
-from ..search.bank import bank_from_weights, build_bank, max_ranks
+from ..search.bank import build_bank
 from ..search.engine import Evolution, Genome, Settings, Space
 from ..search.fitness import FitnessSpec, Reference, model_fitness
-from .allocation import keep_for_target_bytes, knapsack_ranks
-from .compress import CompressionResult, _gradients, check_finite, compress_model
+from .allocation import Allocation, Given, cost_model, register
+from .knapsack import knapsack_ranks
+from .run import CompressionResult, Run, check_finite
+from .sequential import compress_with_ranks
 
 STATE_FILE = "search-state.json"
 
@@ -54,65 +54,67 @@ class EvolveResult(CompressionResult):
         return {**super().to_dict(), "search": summary}
 
 
-def stage_windows(config: CompressConfig, seq_len: int) -> list[int]:
-    return [-(-t // seq_len) for t in config.search.fitness_tokens]
+@register("evolve")
+class Evolve(Allocation):
+    uses_fitness = True
+
+    def run(self, run: Run) -> "EvolveResult":
+        return evolve_model(run)
 
 
-def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: torch.Tensor, device: str = "cpu",
-                 progress: bool = True, checkpoint: Checkpoint | None = None, gradients: dict | None = None,
-                 workers: int | str | None = None) -> EvolveResult:
-    begin = time.time()
-    check_finite(model)
-    targets = Targets.of(model)
-    shapes = targets.shapes
-    if config.target_bytes is not None:
-        config = replace(config, keep=keep_for_target_bytes(model, shapes, config.target_bytes))
-    search, method = config.search, build_method(config.method, config.options)
-    per_stage = stage_windows(config, fitness.shape[1])
-    if fitness.shape[0] < per_stage[-1]:
-        raise VaclmError(f"fitness data holds {fitness.shape[0]} windows, the last stage needs {per_stage[-1]}; "
+def split_fitness(fitness: torch.Tensor | None, config: CompressConfig) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(windows each stage scores, the search's windows, the held-out selection windows)."""
+    if fitness is None:
+        raise VaclmError("--allocation evolve needs fitness windows held out from calibration")
+    per_stage = [-(-t // fitness.shape[1]) for t in config.search.fitness_tokens]
+    n = per_stage[-1]
+    if fitness.shape[0] < n:
+        raise VaclmError(f"fitness data holds {fitness.shape[0]} windows, the last stage needs {n}; "
                          "give more fitness text or fewer --fitness-tokens")
-    windows, selection = fitness[: per_stage[-1]], fitness[per_stage[-1]: 2 * per_stage[-1]]
+    windows, selection = fitness[:n], fitness[n: 2 * n]
     if selection.shape[0] == 0:
         warnings.warn("no fitness windows are left beyond the search's: the result is chosen on the windows the "
-                      "search fitted (biased towards the winner); give more fitness text", stacklevel=2)
+                      "search fitted (biased towards the winner); give more fitness text", stacklevel=3)
         selection = windows
-    grads = _gradients(model, targets, method, calib, device, progress, gradients, checkpoint, config)
+    return per_stage, windows, selection
+
+
+def evolve_model(run: Run) -> EvolveResult:
+    begin = time.time()
+    model, config, targets, device, progress = run.model, run.config, run.targets, run.device, run.progress
+    search, shapes = config.search, targets.shapes
+    check_finite(model)
+    per_stage, windows, selection = split_fitness(run.fitness, config)
+    grads = run.gradients()
 
     names = [n for block in targets.per_block for n in block]
     choices = [rank_grid(shapes[n], config.rank_align) + [None] for n in names]
-    space_costs = [[lowrank_cost(shapes[n], r) for r in c] for n, c in zip(names, choices)]
-    budget = config.keep * sum(o * i for o, i in shapes.values())
-    exponents, base = [], 0
-    if search.search_exponent:
-        exponents = sorted(set(search.exponents) | {config.options.fisher_exponent})
-        base = exponents.index(config.options.fisher_exponent)
+    cost = cost_model(model, config)  # the knapsack start's unit: bytes with --int8 --target-size
+    budget = config.keep * sum(cost.dense(s) for s in shapes.values())
     try:
-        space = Space(space_costs, budget, [len(exponents)] if exponents else [])
+        space = Space([[cost.cost(shapes[n], r) for r in c] for n, c in zip(names, choices)], budget)
     except ValueError as exc:
         raise VaclmError(f"keep {config.keep:.4f} is below what the smallest ranks allow ({exc}); raise --keep") from exc
 
-    state_path = checkpoint.folder / STATE_FILE if checkpoint else None
+    state_path = run.checkpoint.folder / STATE_FILE if run.checkpoint else None
     saved = json.loads(state_path.read_text()) if state_path and state_path.exists() else None
     if saved is None:
-        start_ranks, _, _ = knapsack_ranks(model, targets, method, calib, grads, config, device, progress)
+        start_ranks = knapsack_ranks(model, targets, run.method, run.calib, grads, config, device, progress)[0]
     else:
         start_ranks = saved["start_ranks"]
-    start = Genome(tuple(c.index(start_ranks[n]) for n, c in zip(names, choices)), (base,) if exponents else ())
+    start = Genome(tuple(c.index(start_ranks[n]) for n, c in zip(names, choices)))
 
-    bank = build_bank(model, targets, method, calib, grads, config.rank_align, config.batch_size, device, progress)
+    bank = build_bank(model, targets, run.method, run.calib, grads, config.rank_align, config.batch_size, device,
+                      progress)
     model.to(device)
     reference = Reference.compute(model, windows, search.kl_top_k, progress)
-    spec = FitnessSpec(model, names, choices, windows, reference, per_stage, config.seed, banks={base: bank},
-                       exponents=exponents, method=config.method, options=config.options,
-                       gradients=grads if exponents else {}, top=max_ranks(shapes, config.rank_align),
-                       dtype=search.dtype)
+    spec = FitnessSpec(model, names, choices, windows, reference, per_stage, config.seed, bank, search.dtype)
     settings = Settings(search.offspring, search.survivors, search.max_moves)
-    backend = make_backend(spec, workers, device, progress)
+    backend = make_backend(spec, run.workers, device)
 
     def save_state(evo: Evolution) -> None:
         if state_path is not None:
-            _atomic_write_json(state_path, {"start_ranks": start_ranks, "engine": evo.state_dict()})
+            atomic_write_json(state_path, {"start_ranks": start_ranks, "engine": evo.state_dict()})
 
     try:
         if saved is not None:
@@ -123,39 +125,24 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
         evo.run(search.generations, search.time_limit, on_generation=save_state, progress=progress)
     finally:
         backend.close()
+    selection_reference = reference if selection is windows else Reference.compute(model, selection, search.kl_top_k,
+                                                                                 progress=False)
     model.to("cpu")
 
-    ranks = spec.ranks(evo.parent)
-    exponent = exponents[evo.parent.genes[0]] if exponents else None
-    final = replace(config, options=replace(config.options, fisher_exponent=exponent)) if exponents else config
-    start_bank = bank  # the knapsack start's factors (its exponent)
-    if exponents and evo.parent.genes[0] != base:
-        bank = bank_from_weights(targets.modules, build_method(final.method, final.options), grads, spec.top,
-                                 device, progress)
-    contenders = [("one-shot", ranks, replace(final, sequential=False), bank)]
-    if final.sequential:
-        contenders += [(order, ranks, replace(final, order=order), None)
-                       for order in (ORDERS if search.search_order else (final.order,))]
-    contenders.append(("knapsack start", start_ranks, config, None if config.sequential else start_bank))
-    selection_reference = reference if selection is windows else Reference.compute(model.to(device), selection,
-                                                                                 search.kl_top_k, progress=False)
-    model.to("cpu")
-    chosen, scores, errors = _materialise(model, contenders, calib, selection, selection_reference, grads, device,
-                                          progress)
+    contenders = _contenders(config, spec.ranks(evo.parent), start_ranks, bank)
+    chosen, scores, errors = _materialise(model, contenders, run.calib, selection, selection_reference, grads,
+                                          device, progress)
     _, ranks, final, _ = next(c for c in contenders if c[0] == chosen)
-    if chosen == "knapsack start":
-        exponent = config.options.fisher_exponent if exponents else None
-    start_kept = kept_fraction(shapes, start_ranks)
     result = EvolveResult(config=final, ranks=dict(ranks), shapes=shapes, errors=errors,
-                          allocation={n: {"rank": ranks[n], "cost": lowrank_cost(shapes[n], ranks[n]),
+                          allocation={n: {"rank": ranks[n], "cost": cost.cost(shapes[n], ranks[n]),
                                           "knapsack_rank": start_ranks[n]} for n in names})
     result.search = {
         "title": f"{config.method}, keep {config.keep:.3f}: KL on {windows.numel()} fitness tokens",
-        "generations": evo.generation, "search_seconds": evo.elapsed, "workers": getattr(backend, "workers", 1),
+        "generations": evo.generation, "search_seconds": evo.elapsed, "workers": backend.workers,
         "dtype": getattr(backend, "dtype", search.dtype),  # Ray workers resolve "auto" on their own devices
         "start_fitness": evo.history[0]["fitness"], "final_fitness": evo.parent_fitness,
-        "start_kept_fraction": start_kept, "kept_fraction": result.kept_fraction,
-        "fitness_windows": list(windows.shape), "stage_windows": per_stage, "exponent": exponent,
+        "start_kept_fraction": kept_fraction(shapes, start_ranks), "kept_fraction": result.kept_fraction,
+        "fitness_windows": list(windows.shape), "stage_windows": per_stage,
         "selection_windows": list(selection.shape), "materialised": scores, "chosen": chosen,
         "history": evo.history, "start_ranks": start_ranks,
     }
@@ -163,10 +150,19 @@ def evolve_model(model, config: CompressConfig, calib: torch.Tensor, fitness: to
     return result
 
 
+def _contenders(config: CompressConfig, ranks: dict, start_ranks: dict, bank) -> list[tuple]:
+    """(label, ranks, config, bank or None for a sequential run) of every model the result is chosen from."""
+    found = [("one-shot", ranks, replace(config, sequential=False), bank)]
+    if config.sequential:
+        found += [(order, ranks, replace(config, order=order), None)
+                  for order in (ORDERS if config.search.search_order else (config.order,))]
+    return found + [("knapsack start", start_ranks, config, None if config.sequential else bank)]
+
+
 def _materialise(model, contenders, calib, selection, reference, grads, device, progress):
-    """Build every contender (label, ranks, config, bank or None for a sequential run) on a copy of
-    `model`, score it by KL on the held-out `selection` windows, and compress `model` in place as
-    the best one. Returns (chosen label, {label: KL}, truncation errors of the chosen run)."""
+    """Build every contender on a copy of `model`, score it by KL on the held-out `selection` windows,
+    and compress `model` in place as the best one. Returns (chosen label, {label: KL}, truncation
+    errors of the chosen run)."""
     scores, best, best_model, best_errors, built = {}, None, None, {}, []
     for label, ranks, config, bank in contenders:
         same = next((l for l, r, c in built if r == ranks and c == config), None)
@@ -177,8 +173,8 @@ def _materialise(model, contenders, calib, selection, reference, grads, device, 
         candidate = copy.deepcopy(model)
         errors = {}
         if bank is None:
-            errors = compress_model(candidate, config, calib, ranks=ranks, device=device, progress=progress,
-                                    gradients=grads).errors
+            errors = compress_with_ranks(Run(candidate, config, calib, device=device, progress=progress,
+                                             given_gradients=grads), Given(ranks)).errors
         else:
             for name, rank in ranks.items():
                 if rank is not None:

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import VaclmError
-from ..io.checkpoint import _atomic_save
+from ..io.checkpoint import atomic_save
 
 STATE_FILE = "heal_state.safetensors"
 META_KEY = "vaclm_heal"
@@ -52,7 +52,7 @@ class HealCheckpoint:
         return tensors, state
 
     def save(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        _atomic_save(tensors, self.path, metadata={META_KEY: json.dumps({**state, "run_id": self.run_id})})
+        atomic_save(tensors, self.path, metadata={META_KEY: json.dumps({**state, "run_id": self.run_id})})
 
     def is_empty(self) -> bool:
         return not self.path.exists()

@@ -1,5 +1,5 @@
-"""Distillation losses as tensor functions: KL on logits at a temperature (plus, optionally, the
-student's own next-token cross-entropy on the training text), and a hidden-state loss.
+"""Distillation loss as tensor functions: KL on logits at a temperature, plus, optionally, the
+student's own next-token cross-entropy on the training text.
 
 The KL is computed a chunk of positions at a time from the two models' final hidden states, so
 only `chunk` rows of full-vocabulary logits exist at once; its gradient comes back as a gradient
@@ -64,14 +64,6 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stude
         if ce is not None:
             nll += ce.item()
     return total, (grad.view_as(student_hidden) if grad is not None else None), nll
-
-
-def hidden_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2: scale-free, so layers whose activations are
-    large (later blocks, outlier channels) do not drown the others."""
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
-             for s, t in zip(student_states, teacher_states)]
-    return torch.stack(terms).mean()
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Per optimizer step: `grad_accum` forward passes of `batch_size` windows; each runs the teacher's
 body under inference_mode, the student's body with autograd, the chunked KL on the two final
-hidden states (plus optional cross-entropy on the text and hidden-state losses), and one backward
+hidden states (plus, optionally, the student's cross-entropy on the text), and one backward
 pass. AdamW, linear warm-up then cosine decay, gradient clipping. Validation (KL to the teacher on
 held-out windows, plus ce_weight x the student's NLL there when that is trained) at step 0,
 every `eval_every` steps and at the end; the best validated parameters are what the run returns,
@@ -13,6 +13,7 @@ every `checkpoint_every` steps and a resumed run continues to the same result as
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from ..errors import VaclmError
 from ..model.heads import head_logits, run_body, vocab_size
 from .checkpoint import HealCheckpoint, pack_optimizer, unpack_optimizer
 from .config import HealConfig
-from .distill import chunked_kl, hidden_loss, next_token_labels
+from .distill import chunked_kl, next_token_labels
 from .params import balance_factors, freeze_all_but, restore_flags, trainable_parameters
 
 # files of the compressed folder that still describe the healed one (ranks are unchanged)
@@ -44,7 +45,7 @@ class HealResult:
     stopped_early: bool = False
     tokens: int = 0  # training tokens processed
     train_seconds: float = 0.0  # forward + backward + optimizer time, without validation and checkpoints
-    losses: list[dict] = field(default_factory=list)  # per step: step, loss, kl, hidden, ce, lr, grad_norm
+    losses: list[dict] = field(default_factory=list)  # per step: step, loss, kl, ce, lr, grad_norm, tokens
     val: list[dict] = field(default_factory=list)  # per validation: step, kl, ppl, objective
     windows: dict = field(default_factory=dict)
     teacher: str = ""
@@ -83,32 +84,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def check_pair(student, teacher, config: HealConfig) -> None:
-    """The teacher's logits must index the student's vocabulary; a hidden loss needs equal shapes."""
-    vs, vt = vocab_size(student), vocab_size(teacher)
-    if vs != vt:
-        raise VaclmError(f"the teacher has a vocabulary of {vt} tokens and the student {vs}; "
-                         "choose a teacher that shares the student's tokenizer (e.g. the model it was compressed from)")
-    if config.hidden_weight > 0:
-        shape = lambda m: (m.config.get_text_config().hidden_size, m.config.get_text_config().num_hidden_layers)
-        if shape(student) != shape(teacher):
-            raise VaclmError(f"a hidden-state loss needs the same width and depth in teacher and student, got "
-                             f"{shape(teacher)} and {shape(student)} (hidden size, layers); use --hidden-weight 0")
-        layers = shape(student)[1]
-        if config.hidden_layers is not None and max(config.hidden_layers) > layers:
-            raise VaclmError(f"hidden layer {max(config.hidden_layers)} does not exist; indices go from 0 "
-                             f"(embeddings) to {layers} (the last block)")
-
-
 class Trainer:
-    def __init__(self, student, teacher, train: torch.Tensor, val: torch.Tensor, config: HealConfig,
-                 device: torch.device, compute_dtype: torch.dtype, progress: bool):
-        self.student, self.teacher, self.config = student, teacher, config
+    def __init__(self, student, teacher, params: dict[str, torch.nn.Parameter], train: torch.Tensor,
+                 val: torch.Tensor, config: HealConfig, device: torch.device, compute_dtype: torch.dtype,
+                 progress: bool):
+        self.student, self.teacher, self.params, self.config = student, teacher, params, config
         self.train, self.val = train, val
         self.device, self.progress = device, progress
         self.autocast = (lambda: torch.autocast(device.type, dtype=compute_dtype)) \
             if compute_dtype != torch.float32 else contextlib.nullcontext
-        self.params = trainable_parameters(student, config)
+        self.heads = functools.partial(head_logits, student), functools.partial(head_logits, teacher)
         self.per_step = config.batch_size * config.grad_accum
         self.total_steps = math.ceil(len(train) * config.epochs / self.per_step)
         self.eval_every = config.eval_every or max(1, math.ceil(self.total_steps / 8))
@@ -124,59 +109,37 @@ class Trainer:
         self.bad_evals = 0
         self.best_params: dict[str, torch.Tensor] | None = None
         self._val_teacher: list[torch.Tensor] | None = None
-        n_blocks = student.config.get_text_config().num_hidden_layers
-        self.hidden_layers = config.hidden_layers or tuple(range(1, n_blocks + 1))
 
     # one optimizer step ------------------------------------------------------------------------
-    def _heads(self):
-        return (lambda h: head_logits(self.student, h)), (lambda h: head_logits(self.teacher, h))
-
-    def _micro_step(self, ids: torch.Tensor, step_tokens: int) -> tuple[float, float, float]:
-        """Forward + backward of one micro-batch; returns (KL and NLL summed over its tokens, hidden loss)."""
-        cfg = self.config
-        want_hidden = cfg.hidden_weight > 0
-        labels = next_token_labels(ids) if cfg.ce_weight > 0 else None
-        with torch.inference_mode(), self.autocast():
-            t_last, t_states = run_body(self.teacher, ids, hidden_states=want_hidden)
-        with self.autocast():
-            s_last, s_states = run_body(self.student, ids, hidden_states=want_hidden)
-            kl, grad, nll = chunked_kl(s_last, t_last, *self._heads(), cfg.temperature, cfg.kl_chunk,
-                                       grad_scale=1.0 / step_tokens, labels=labels, ce_weight=cfg.ce_weight)
-            outputs, grads = [s_last], [grad]
-            hidden = 0.0
-            if want_hidden:
-                # clone: inference tensors cannot be saved for the backward pass
-                h = hidden_loss([s_states[i] for i in self.hidden_layers],
-                                [t_states[i].clone() for i in self.hidden_layers])
-                outputs.append(h * (cfg.hidden_weight * ids.numel() / step_tokens))
-                grads.append(None)
-                hidden = h.item()
-        torch.autograd.backward(outputs, grads)
-        return kl, nll, hidden
-
     def step(self, k: int) -> dict:
+        cfg = self.config
         seqs = self.order[k * self.per_step:(k + 1) * self.per_step]
-        step_tokens = len(seqs) * self.config.seq_len
-        kl_sum, nll_sum, hidden_sum = 0.0, 0.0, 0.0
+        step_tokens = len(seqs) * cfg.seq_len
+        kl_sum, nll_sum = 0.0, 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(seqs), self.config.batch_size):
-            ids = self.train[seqs[start:start + self.config.batch_size]].to(self.device)
-            kl, nll, hidden = self._micro_step(ids, step_tokens)
+        for start in range(0, len(seqs), cfg.batch_size):  # one forward + backward per micro-batch
+            ids = self.train[seqs[start:start + cfg.batch_size]].to(self.device)
+            labels = next_token_labels(ids) if cfg.ce_weight > 0 else None
+            with torch.inference_mode(), self.autocast():
+                t_last = run_body(self.teacher, ids)
+            with self.autocast():
+                s_last = run_body(self.student, ids)
+                kl, grad, nll = chunked_kl(s_last, t_last, *self.heads, cfg.temperature, cfg.kl_chunk,
+                                           grad_scale=1.0 / step_tokens, labels=labels, ce_weight=cfg.ce_weight)
+            s_last.backward(grad)
             kl_sum += kl
             nll_sum += nll
-            hidden_sum += hidden * ids.numel()
         params = list(self.params.values())
-        if self.config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm).item()
+        if cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        kl, nll, hidden = kl_sum / step_tokens, nll_sum / step_tokens, hidden_sum / step_tokens
-        loss = kl + self.config.hidden_weight * hidden + self.config.ce_weight * nll
-        return {"step": k + 1, "loss": loss, "kl": kl, "hidden": hidden, "ce": nll, "lr": lr, "grad_norm": norm,
-                "tokens": step_tokens}
+        kl, nll = kl_sum / step_tokens, nll_sum / step_tokens
+        return {"step": k + 1, "loss": kl + cfg.ce_weight * nll, "kl": kl, "ce": nll, "lr": lr,
+                "grad_norm": norm, "tokens": step_tokens}
 
     # validation --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -189,50 +152,42 @@ class Trainer:
                    for i in range(0, len(self.val), self.config.batch_size)]
         if self._val_teacher is None:  # the teacher never changes: its hidden states are computed once
             with self.autocast():
-                self._val_teacher = [run_body(self.teacher, ids)[0] for ids in batches]
+                self._val_teacher = [run_body(self.teacher, ids) for ids in batches]
         kl, nll, labels = 0.0, 0.0, 0
         with self.autocast():
             for ids, t_last in zip(batches, self._val_teacher):
-                s_last = run_body(self.student, ids)[0]
+                s_last = run_body(self.student, ids)
                 target = next_token_labels(ids)
-                k, _, n = chunked_kl(s_last, t_last, *self._heads(), self.config.temperature, self.config.kl_chunk,
+                k, _, n = chunked_kl(s_last, t_last, *self.heads, self.config.temperature, self.config.kl_chunk,
                                      labels=target)
                 kl, nll, labels = kl + k, nll + n, labels + int((target >= 0).sum())
         self.student.train(was_training)
         kl, nll = kl / self.val.numel(), nll / labels
         return {"step": step, "kl": kl, "ppl": math.exp(nll), "objective": kl + self.config.ce_weight * nll}
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.params.items()}
-
     def record_validation(self, result: HealResult, step: int) -> None:
         v = self.validate(step)
         result.val.append(v)
         if v["objective"] < self.best_val:
             self.best_val, self.bad_evals, result.best_step = v["objective"], 0, step
-            self.best_params = self._snapshot()
+            self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
         else:
             self.bad_evals += 1
 
     # checkpoints -------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"param.{n}": p.detach() for n, p in self.params.items()}
+    def save(self, checkpoint: HealCheckpoint, result: HealResult) -> None:
+        tensors, groups = pack_optimizer(self.optimizer)
+        tensors.update({f"param.{n}": p.detach() for n, p in self.params.items()})
         if self.best_params is not None:
             tensors.update({f"best.{n}": t for n, t in self.best_params.items()})
-        opt_tensors, _ = pack_optimizer(self.optimizer)
-        tensors.update(opt_tensors)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        return tensors
-
-    def save(self, checkpoint: HealCheckpoint, result: HealResult) -> None:
-        _, groups = pack_optimizer(self.optimizer)
         state = {"step": result.steps, "tokens": result.tokens, "train_seconds": result.train_seconds,
                  "losses": result.losses, "val": result.val, "best_step": result.best_step,
                  "best_val": self.best_val if math.isfinite(self.best_val) else None, "bad_evals": self.bad_evals,
                  "scheduler": self.scheduler.state_dict(), "param_groups": groups}
-        checkpoint.save(self.state_tensors(), state)
+        checkpoint.save(tensors, state)
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict, result: HealResult) -> None:
         with torch.no_grad():
@@ -294,10 +249,13 @@ def heal_model(student, teacher, train: torch.Tensor, val: torch.Tensor, config:
                device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32, progress: bool = True,
                checkpoint: HealCheckpoint | None = None, stop_after: int | None = None, teacher_name: str = "",
                source: str | None = None) -> HealResult:
-    """Heal `student` in place (its factors, optionally norms and biases) by distilling `teacher`."""
+    """Heal `student` in place (its factors, optionally the matrices kept dense) by distilling `teacher`."""
     device = torch.device(device)
-    check_pair(student, teacher, config)
-    trainable = trainable_parameters(student, config)
+    vs, vt = vocab_size(student), vocab_size(teacher)
+    if vs != vt:  # the teacher's logits must index the student's vocabulary
+        raise VaclmError(f"the teacher has a vocabulary of {vt} tokens and the student {vs}; "
+                         "choose a teacher that shares the student's tokenizer (e.g. the model it was compressed from)")
+    trainable = trainable_parameters(student, config.train_dense)
     original_dtype = next(iter(trainable.values())).dtype
     student.to(device=device, dtype=torch.float32)  # fp32 master weights; bf16 only inside autocast
     teacher.to(device)
@@ -310,7 +268,7 @@ def heal_model(student, teacher, train: torch.Tensor, val: torch.Tensor, config:
         student.train()  # transformers checkpoints only in training mode
     else:
         student.eval()  # no dropout: healing is deterministic, and resuming gives the same result
-    trainer = Trainer(student, teacher, train, val, config, device, compute_dtype, progress)
+    trainer = Trainer(student, teacher, trainable, train, val, config, device, compute_dtype, progress)
     result = HealResult(config=config, total_steps=trainer.total_steps, teacher=teacher_name, source=source,
                         windows={"train": len(train), "val": len(val), "seq_len": config.seq_len,
                                  "eval_every": trainer.eval_every})

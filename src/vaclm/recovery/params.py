@@ -1,6 +1,5 @@
-"""Which parameters healing trains: the low-rank factors (and optionally biases, norms and the
-decoder matrices kept dense); the rest is frozen, so neither gradients nor optimizer state are
-kept for it."""
+"""Which parameters healing trains: the low-rank factors (and optionally the decoder matrices kept
+dense); the rest is frozen, so neither gradients nor optimizer state are kept for it."""
 
 from __future__ import annotations
 
@@ -11,30 +10,22 @@ from ..errors import VaclmError
 from ..linalg.balance import balanced_factors
 from ..model.arch import spec_for, target_names
 from ..model.lowrank import LowRankLinear
-from .config import HealConfig
 
 
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, GemmaRMSNorm, ...: the naming is consistent across families."""
-    return "norm" in type(module).__name__.lower()
-
-
-def trainable_parameters(model: nn.Module, config: HealConfig) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module, train_dense: bool) -> dict[str, nn.Parameter]:
     """Name -> parameter of everything healing updates, in a fixed order (the optimizer's order)."""
     chosen: dict[str, nn.Parameter] = {}
-    dense_targets = set(dense_target_names(model)) if config.train_dense else set()
+    dense_targets = set(dense_target_names(model)) if train_dense else set()
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
             chosen[f"{name}.down.weight"] = module.down.weight
             chosen[f"{name}.up.weight"] = module.up.weight
-            if config.train_bias and module.up.bias is not None:
-                chosen[f"{name}.up.bias"] = module.up.bias
-        elif name in dense_targets or (config.train_norms and is_norm(module)):
+        elif name in dense_targets:
             for pname, p in module.named_parameters(recurse=False):
                 chosen[f"{name}.{pname}"] = p
     # a dense model with --train-dense is the same recipe as a fine-tune: the reference that shows
     # how much of a healed model's gain is adaptation to the training text rather than recovery
-    if not any(isinstance(m, LowRankLinear) for m in model.modules()) and not config.train_dense:
+    if not chosen:
         raise VaclmError("the model has no factorised layers to heal; compress it first with `vaclm compress` "
                          "(or set train_dense to fine-tune the dense matrices with the same recipe)")
     return chosen

@@ -20,8 +20,8 @@ from .fitness import Evaluator, FitnessSpec
 
 
 class InProcess:
-    def __init__(self, spec: FitnessSpec, device: str | None = None, progress: bool = False):
-        self.evaluator = Evaluator(spec, device, progress)
+    def __init__(self, spec: FitnessSpec, device: str | None = None):
+        self.evaluator = Evaluator(spec, device)
         self.workers = 1
         self.dtype = str(self.evaluator.dtype).removeprefix("torch.")  # what "auto" resolved to
 
@@ -92,11 +92,10 @@ class RayPool:
             self.ray.shutdown()
 
 
-def make_backend(spec: FitnessSpec, workers: int | str | None = None, device: str | None = None,
-                 progress: bool = False):
+def make_backend(spec: FitnessSpec, workers: int | str | None = None, device: str | None = None):
     """`workers`: None (this process), a number of local Ray CPU workers, or a Ray cluster address."""
     if workers is None or workers == 0:
-        return InProcess(spec, device, progress)
+        return InProcess(spec, device)
     return RayPool(spec, workers)
 
 

@@ -8,8 +8,8 @@ the first `rank` of them (views, no copies). `rank = None` runs the original den
 Why one-shot: sequential compression re-captures each block's inputs from the already-compressed
 prefix, so a block's factors depend on the ranks of every block before it; nothing of it can be
 reused between candidates except the gradient statistics. The search therefore scores one-shot
-candidates, and the order/sequential re-capture is applied when the winner is materialised
-(pipeline/evolve.py), where it is kept only if it lowers the fitness KL.
+candidates; the sequential re-capture is one of the ways the winner is materialised
+(pipeline/evolve.py), kept only if held-out windows prefer it.
 """
 
 from __future__ import annotations
@@ -26,22 +26,20 @@ from ..methods import LayerStats
 from ..model.arch import get_submodule, set_submodule
 from ..model.blocks import BlockRunner
 from ..model.surgery import Targets, dense_weight
-from ..pipeline.statistics import input_stats
+from ..model.statistics import input_stats
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (up^T: rmax x out, down: rmax x in)
 
 
-def max_ranks(shapes: dict[str, tuple[int, int]], align: int) -> dict[str, int]:
-    """The largest candidate rank of each matrix (0 when factorising it never saves parameters)."""
-    return {n: max(rank_grid(s, align), default=0) for n, s in shapes.items()}
-
-
 def build_bank(model: nn.Module, targets: Targets, method, calib: torch.Tensor, grads: dict, align: int,
                batch_size: int, device: str = "cpu", progress: bool = True) -> Factors:
-    """Factorise every target once at its largest candidate rank, with dense-model statistics."""
-    if not method.needs_inputs:
-        return bank_from_weights(targets.modules, method, grads, max_ranks(targets.shapes, align), device, progress)
-    top = max_ranks(targets.shapes, align)
+    """Factorise every target once at its largest candidate rank, with dense-model statistics.
+    Targets without candidate ranks (factorising them never saves parameters) are left out."""
+    top = {n: max(rank_grid(s, align), default=0) for n, s in targets.shapes.items()}
+    if not method.needs_inputs:  # svd, fwsvd: weights and gradients suffice
+        return {name: _factorise(module, method, LayerStats(gradients=grads.get(name)), top[name], device)
+                for name, module in tqdm(targets.modules.items(), desc=f"search: factor bank ({method.name})",
+                                         disable=not progress, unit="matrix") if top[name]}
     runner = BlockRunner(model, targets.spec, calib, batch_size, device)
     bank: Factors = {}
     n_blocks = len(targets.per_block)
@@ -53,15 +51,6 @@ def build_bank(model: nn.Module, targets: Targets, method, calib: torch.Tensor, 
                 bank[name] = _factorise(module, method, LayerStats(inputs.get(name), grads.get(name)), top[name], device)
         runner.prune(set(range(i + 1, n_blocks)))
     return bank
-
-
-def bank_from_weights(modules: dict[str, nn.Module], method, grads: dict, top: dict[str, int], device: str = "cpu",
-                      progress: bool = True) -> Factors:
-    """The bank of a method that needs no input statistics (svd, fwsvd): weights and gradients only."""
-    assert not method.needs_inputs
-    return {name: _factorise(module, method, LayerStats(gradients=grads.get(name)), top[name], device)
-            for name, module in tqdm(modules.items(), desc=f"search: factor bank ({method.name})",
-                                     disable=not progress, unit="matrix") if top[name]}
 
 
 def _factorise(module: nn.Module, method, stats: LayerStats, rank: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +91,6 @@ def sliced(model: nn.Module, bank: Factors):
     finally:
         for name, module in originals.items():
             set_submodule(model, name, module)
-
-
-def set_factors(modules: dict[str, SlicedLowRank], bank: Factors) -> None:
-    """Point the modules at another bank (e.g. the factors of another Fisher exponent)."""
-    for name, module in modules.items():
-        weight = dense_weight(module.dense)[0]
-        module.up_t, module.down = (bank[name][0].to(weight.device, weight.dtype),
-                                    bank[name][1].to(weight.device, weight.dtype))
 
 
 def set_ranks(modules: dict[str, SlicedLowRank], ranks: dict[str, int | None]) -> None:

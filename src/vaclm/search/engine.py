@@ -1,20 +1,19 @@
 """A generic evolutionary search over discrete allocations under an exact budget (EvoPress-style).
 
 The engine knows nothing about models. A genome is one level per item (an index into that item's
-cost table, e.g. a matrix's candidate ranks) plus optional categorical genes (e.g. the index of a
-Fisher exponent). Fitness is a callable `score(genomes, stage, generation) -> list[float]`, lower
-is better; it is called once per selection stage with every genome of that stage, so a backend
-can score them in parallel.
+cost table, e.g. a matrix's candidate ranks). Fitness is a callable `score(genomes, stage,
+generation) -> list[float]`, lower is better; it is called once per selection stage with every
+genome of that stage, so a backend can score them in parallel.
 
 The budget invariant ("full"): total cost <= budget, and no single item can be raised one level
 without exceeding it. So the gap to the budget is always smaller than the cheapest step that is
 still available: with items whose step is 8 ranks, within one grid step of the smallest matrix.
-Every mutation ends with a repair that restores it. Costs do not depend on the genes.
+Every mutation ends with a repair that restores it.
 
 One generation: `offspring` distinct mutants of the parent; stage s scores the pool and keeps the
 best `survivors[s]`; the parent joins the last stage (elitism, ties keep the parent). The last
-stage must score a genome the same way in every generation (fixed tokens): its scores are cached,
-so the parent is not re-scored and the best fitness never gets worse. Each generation draws its
+stage must score a genome the same way in every generation (fixed tokens): the parent keeps its
+score, so it is not re-scored and the best fitness never gets worse. Each generation draws its
 random numbers from (seed, generation), so a resumed search continues exactly as an
 uninterrupted one would.
 """
@@ -34,20 +33,21 @@ STATE_VERSION = 1
 @dataclass(frozen=True)
 class Genome:
     levels: tuple[int, ...]
-    genes: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"levels": list(self.levels), "genes": list(self.genes)}
+        return {"levels": list(self.levels)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Genome":
-        return cls(tuple(int(v) for v in data["levels"]), tuple(int(v) for v in data.get("genes", ())))
+        if data.get("genes"):  # states of the removed --search-exponent carried its index here
+            raise ValueError("search state with a Fisher-exponent gene (--search-exponent, removed): start over")
+        return cls(tuple(int(v) for v in data["levels"]))
 
 
 class Space:
-    """Items with increasing cost tables, one budget, and categorical genes of given sizes."""
+    """Items with increasing cost tables and one budget."""
 
-    def __init__(self, costs: Sequence[Sequence[float]], budget: float, gene_sizes: Sequence[int] = ()):
+    def __init__(self, costs: Sequence[Sequence[float]], budget: float):
         width = max(len(c) for c in costs)
         self.table = np.full((len(costs), width + 1), np.inf)  # one inf column: "no next level"
         for i, c in enumerate(costs):
@@ -57,7 +57,6 @@ class Space:
             self.table[i, : len(c)] = c
         self.top = np.array([len(c) - 1 for c in costs])
         self.budget = float(budget)
-        self.gene_sizes = tuple(int(g) for g in gene_sizes)
         if self.table[:, 0].sum() > self.budget:
             raise ValueError(f"budget {budget:.0f} is below the cheapest choice {self.table[:, 0].sum():.0f}")
 
@@ -71,12 +70,6 @@ class Space:
     def next_steps(self, levels: np.ndarray) -> np.ndarray:
         """Cost of raising each item one level (inf at its top level)."""
         return self.table[self.rows, levels + 1] - self.table[self.rows, levels]
-
-    def is_full(self, levels) -> bool:
-        levels = np.asarray(levels)
-        gap = self.budget - self.cost(levels)
-        return bool(gap >= 0 and np.all(levels >= 0) and np.all(levels <= self.top)
-                    and not np.any(self.next_steps(levels) <= gap))
 
     def repair(self, levels, rng: np.random.Generator) -> np.ndarray:
         """Restore the invariant: lower random items until the cost fits, then fill."""
@@ -122,16 +115,11 @@ class Space:
         lowered = self.lower(raised, rng, keep=[i])
         return self.fill(lowered, rng, protect=np.flatnonzero(lowered < raised))
 
-    def mutate(self, genome: Genome, rng: np.random.Generator, max_moves: int = 4, max_step: int = 1,
-               gene_rate: float = 0.2) -> Genome:
+    def mutate(self, genome: Genome, rng: np.random.Generator, max_moves: int = 4, max_step: int = 1) -> Genome:
         levels = np.array(genome.levels, dtype=np.int64)
         for _ in range(int(rng.integers(1, max_moves + 1))):
             levels = self.level_switch(levels, rng, max_step)
-        genes = list(genome.genes)
-        for g, size in enumerate(self.gene_sizes):  # ordered options: move to a neighbour
-            if size > 1 and rng.random() < gene_rate:
-                genes[g] = int(np.clip(genes[g] + rng.choice([-1, 1]), 0, size - 1))
-        return Genome(tuple(int(v) for v in levels), tuple(genes))
+        return Genome(tuple(int(v) for v in levels))
 
 
 @dataclass(frozen=True)
@@ -140,7 +128,6 @@ class Settings:
     survivors: tuple[int, ...] = (2, 1)  # kept after each stage; the last stage keeps 1
     max_moves: int = 4  # level switches per mutation: 1..max_moves (compound moves escape local optima)
     max_step: int = 1  # levels one switch raises its item by: 1..max_step
-    gene_rate: float = 0.2  # probability that a categorical gene moves
 
     def __post_init__(self):
         if self.offspring < 1 or not self.survivors or self.survivors[-1] != 1:
@@ -161,29 +148,21 @@ class Evolution:
     settings: Settings
     seed: int
     parent: Genome
-    parent_fitness: float | None = None
+    parent_fitness: float | None = None  # its last-stage score, never recomputed
     generation: int = 0
     elapsed: float = 0.0  # seconds spent in generations, summed over resumed runs
     history: list[dict] = field(default_factory=list)
-    _final: dict = field(default_factory=dict, repr=False)  # last-stage score cache
 
     @classmethod
     def start(cls, space: Space, score: Score, settings: Settings, seed: int, genome: Genome) -> "Evolution":
         """From a starting genome (e.g. the knapsack solution), repaired to the invariant and scored."""
         levels = space.repair(genome.levels, np.random.default_rng([seed, 2**31 - 1]))
-        evo = cls(space, score, settings, seed, Genome(tuple(int(v) for v in levels), genome.genes))
+        evo = cls(space, score, settings, seed, Genome(tuple(int(v) for v in levels)))
         begin = time.time()
-        evo.parent_fitness = evo._last_stage([evo.parent], -1)[0]
+        evo.parent_fitness = score([evo.parent], len(settings.survivors) - 1, -1)[0]
         evo.elapsed = time.time() - begin
-        evo.history.append({"generation": 0, "fitness": evo.parent_fitness, "seconds": evo.elapsed,
-                            "evaluations": 1, "improved": False, "cost": space.cost(evo.parent.levels)})
+        evo._record(evaluations=1, improved=False)
         return evo
-
-    def _last_stage(self, pool: list[Genome], generation: int) -> list[float]:
-        todo = [g for g in dict.fromkeys(pool) if g not in self._final]
-        if todo:
-            self._final.update(zip(todo, self.score(todo, len(self.settings.survivors) - 1, generation)))
-        return [self._final[g] for g in pool]
 
     def step(self) -> dict:
         """One generation; returns its history entry."""
@@ -193,28 +172,25 @@ class Evolution:
         s = self.settings
         pool: list[Genome] = []
         for _ in range(20 * s.offspring):  # distinct offspring, none equal to the parent
-            child = self.space.mutate(self.parent, rng, s.max_moves, s.max_step, s.gene_rate)
+            child = self.space.mutate(self.parent, rng, s.max_moves, s.max_step)
             if child != self.parent and child not in pool:
                 pool.append(child)
             if len(pool) == s.offspring:
                 break
         evaluations = 0
         for stage, keep in enumerate(s.survivors):
-            last = stage == len(s.survivors) - 1
-            if last:
-                pool = [self.parent] + [g for g in pool if g != self.parent]
-                before = len(self._final)
-                scores = self._last_stage(pool, self.generation)
-                evaluations += len(self._final) - before
-            else:
-                scores = self.score(pool, stage, self.generation)
-                evaluations += len(pool)
-            order = np.argsort(np.asarray(scores, float), kind="stable")[:keep]
+            scores = self.score(pool, stage, self.generation) if pool else []
+            evaluations += len(pool)
+            if stage == len(s.survivors) - 1:  # the parent joins with its score: the last stage's tokens are fixed
+                pool, scores = [self.parent] + pool, [self.parent_fitness] + scores
+            order = np.argsort(np.asarray(scores, float), kind="stable")[:keep]  # stable: ties keep the parent
             pool, scores = [pool[k] for k in order], [scores[k] for k in order]
         improved = pool[0] != self.parent
         self.parent, self.parent_fitness = pool[0], float(scores[0])
-        self._final = {self.parent: self.parent_fitness}  # older entries are never needed again
         self.elapsed += time.time() - begin
+        return self._record(evaluations, improved)
+
+    def _record(self, evaluations: int, improved: bool) -> dict:
         entry = {"generation": self.generation, "fitness": self.parent_fitness, "seconds": self.elapsed,
                  "evaluations": evaluations, "improved": bool(improved), "cost": self.space.cost(self.parent.levels)}
         self.history.append(entry)
@@ -250,8 +226,6 @@ class Evolution:
     def from_state(cls, space: Space, score: Score, settings: Settings, state: dict) -> "Evolution":
         if state.get("version", 0) > STATE_VERSION:
             raise ValueError("search state written by a newer vaclm")
-        parent = Genome.from_dict(state["parent"])
-        evo = cls(space, score, settings, int(state["seed"]), parent, float(state["parent_fitness"]),
-                  int(state["generation"]), float(state["elapsed"]), list(state["history"]))
-        evo._final = {parent: evo.parent_fitness}
-        return evo
+        return cls(space, score, settings, int(state["seed"]), Genome.from_dict(state["parent"]),
+                   float(state["parent_fitness"]), int(state["generation"]), float(state["elapsed"]),
+                   list(state["history"]))

@@ -7,7 +7,7 @@ full KL that is exact when k covers the vocabulary (it is, for the tiny test mod
 
 `Evaluator` scores genomes on a model whose targets are SlicedLowRank modules: stage s < last uses
 a subset of the fitness windows drawn from (seed, generation, s), fresh every generation as in
-EvoPress; the last stage always uses the same windows, so the engine can cache its scores.
+EvoPress; the last stage always uses the same windows, so the parent keeps its score.
 Everything it needs travels in a `FitnessSpec`, so a Ray worker builds the same evaluator.
 """
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import MethodOptions
-from .bank import Factors, bank_from_weights, set_factors, set_ranks, sliced
+from .bank import Factors, set_ranks, sliced
 from .engine import Genome
 
 
@@ -91,12 +90,7 @@ class FitnessSpec:
     reference: Reference
     stage_windows: list[int]  # windows scored per stage (the last: all of them)
     seed: int
-    banks: dict[int, Factors] = field(default_factory=dict)  # exponent index -> factors (prebuilt)
-    exponents: list[float] = field(default_factory=list)  # gene 0 options; empty when not searched
-    method: str = "fwsvd"  # how to build banks of other exponents
-    options: MethodOptions = field(default_factory=MethodOptions)
-    gradients: dict = field(default_factory=dict)  # what those banks need (Fisher sums)
-    top: dict[str, int] = field(default_factory=dict)  # largest rank of each banked target
+    bank: Factors  # every target's factors at its largest rank (bank.py)
     dtype: str = "auto"  # what candidates are scored in (search_dtype)
 
     def ranks(self, genome: Genome) -> dict[str, int | None]:
@@ -104,7 +98,7 @@ class FitnessSpec:
 
     def stage_subset(self, stage: int, generation: int) -> list[int]:
         n = self.windows.shape[0]
-        if stage < 0 or stage >= len(self.stage_windows) - 1:
+        if stage >= len(self.stage_windows) - 1:
             return list(range(n))
         rng = np.random.default_rng([self.seed, generation, stage, 1])
         return sorted(int(i) for i in rng.choice(n, self.stage_windows[stage], replace=False))
@@ -113,42 +107,22 @@ class FitnessSpec:
 class Evaluator:
     """Scores genomes in this process; `close()` gives the model its original modules back."""
 
-    def __init__(self, spec: FitnessSpec, device: str | None = None, progress: bool = False):
+    def __init__(self, spec: FitnessSpec, device: str | None = None):
         self.spec = spec
         model = spec.model if device is None else spec.model.to(device)
         self.dtype = search_dtype(spec.dtype, model)
         # another dtype scores a copy (the dense model's weights must stay exact for the final choice)
         self.model = model if self.dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(self.dtype)
-        self.banks = dict(spec.banks)
-        self.exponent = min(self.banks) if self.banks else 0
         self._stack = contextlib.ExitStack()
-        self.modules = self._stack.enter_context(sliced(self.model, self._bank(self.exponent)))
-        self.progress = progress
-
-    def _bank(self, index: int) -> Factors:
-        if index not in self.banks:  # another Fisher exponent: weights and Fisher sums suffice (fwsvd)
-            from ..methods import build_method
-
-            s = self.spec
-            method = build_method(s.method, replace(s.options, fisher_exponent=s.exponents[index]))
-            dense = {n: getattr(m, "dense", m) for n, m in
-                     ((n, s.model.get_submodule(n)) for n in s.top)}
-            self.banks[index] = bank_from_weights(dense, method, s.gradients, s.top, progress=self.progress)
-        return self.banks[index]
-
-    def set(self, genome: Genome) -> None:
-        if self.spec.exponents and genome.genes[0] != self.exponent:
-            self.exponent = genome.genes[0]
-            set_factors(self.modules, self._bank(self.exponent))
-        set_ranks(self.modules, self.spec.ranks(genome))
-
-    def score_one(self, genome: Genome, windows: list[int]) -> float:
-        self.set(genome)
-        return model_fitness(self.model, self.spec.windows, self.spec.reference, windows)
+        self.modules = self._stack.enter_context(sliced(self.model, spec.bank))
 
     def __call__(self, genomes: list[Genome], stage: int, generation: int) -> list[float]:
         windows = self.spec.stage_subset(stage, generation)
-        return [self.score_one(g, windows) for g in genomes]
+        scores = []
+        for genome in genomes:
+            set_ranks(self.modules, self.spec.ranks(genome))
+            scores.append(model_fitness(self.model, self.spec.windows, self.spec.reference, windows))
+        return scores
 
     def close(self) -> None:
         self._stack.close()

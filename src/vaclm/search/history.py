@@ -12,13 +12,11 @@ def write_search(folder: Path, search: dict) -> None:
 
 
 def plot_search(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays untouched
 
     gens = [h["generation"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(gens, [h["fitness"] for h in history], marker=".")  # the parent after each generation
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness: KL to the dense model (nats/token)")
@@ -30,7 +28,6 @@ def plot_search(history: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _interp(xs, ys):

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..linalg.stats import GradientStats, InputStats
-from ..model.blocks import StopBlock
-from ..model.surgery import dense_weight
+from .surgery import dense_weight
 
 
 @contextlib.contextmanager
@@ -26,26 +25,19 @@ def _hooks(modules: dict[str, nn.Module], make_hook):
 
 class _InputAccumulators:
     """One InputStats per module, shared by modules fed the very same tensor (q/k/v, gate/up):
-    theirs is the same Gram. With `dense_inputs` (module -> this batch's dense input), stats are
-    paired with the dense model's inputs."""
+    theirs is the same Gram."""
 
-    def __init__(self, n_modules: int, stop_early: bool, paired: bool = False):
+    def __init__(self):
         self.stats: dict[str, InputStats] = {}
         self.followers: set[str] = set()  # modules whose accumulator belongs to another module
         self.this_batch: list[tuple[torch.Tensor, InputStats]] = []
-        self.seen: set[str] = set()
-        self.n_modules, self.stop_early, self.paired = n_modules, stop_early, paired
-        self.dense_inputs: dict[str, torch.Tensor] = {}
 
     def start_batch(self) -> None:
         self.this_batch.clear()
-        self.seen.clear()
-        self.dense_inputs.clear()
 
     def hook(self, name: str):
         def record(module, args, output):
             x = args[0]
-            self.seen.add(name)
             if name not in self.stats:
                 shared = next((s for t, s in self.this_batch if t is x), None)
                 if shared is not None:
@@ -53,47 +45,19 @@ class _InputAccumulators:
                     self.followers.add(name)
             if name not in self.followers:
                 if name not in self.stats:
-                    self.stats[name] = InputStats(x.shape[-1], device=x.device, paired=self.paired)
-                self.stats[name].add_batch(x, self.dense_inputs.get(name) if self.paired else None)
+                    self.stats[name] = InputStats(x.shape[-1], device=x.device)
+                self.stats[name].add_batch(x)
                 self.this_batch.append((x, self.stats[name]))
-            if self.stop_early and len(self.seen) == self.n_modules:
-                raise StopBlock
-
-        return record
-
-    def dense_hook(self, name: str):
-        def record(module, args, output):
-            self.dense_inputs[name] = args[0]
 
         return record
 
 
-def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[str, nn.Module],
-                stop_early: bool = False) -> dict[str, InputStats]:
-    """Input Gram and mean |x| of each module while the runner runs `block` on `batches`.
-
-    With `stop_early` the rest of the block is skipped once every module has seen its batch.
-    """
-    acc = _InputAccumulators(len(modules), stop_early)
+def input_stats(runner, block: int, batches: list[torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, InputStats]:
+    """Input Gram and mean |x| of each module while the runner runs `block` on `batches`."""
+    acc = _InputAccumulators()
     with _hooks(modules, acc.hook):
         runner.run_block(block, batches, before_batch=acc.start_batch)
     return acc.stats
-
-
-def paired_input_stats(runner, block: int, dense_block: nn.Module, dense_batches: list[torch.Tensor],
-                       batches: list[torch.Tensor], modules: dict[str, nn.Module], prefix: str,
-                       stop_early: bool = False) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
-    """input_stats paired with the dense model's inputs of the same modules on the same tokens.
-
-    `dense_block` is an unedited copy of block `block` and `dense_batches` the dense model's
-    inputs of it; `prefix` is the block's module path (model.layers.3.), which the copy's
-    module names lack. Returns the statistics and the dense block's outputs.
-    """
-    acc = _InputAccumulators(len(modules), stop_early, paired=True)
-    dense_modules = {name: dense_block.get_submodule(name[len(prefix):]) for name in modules}
-    with _hooks(modules, acc.hook), _hooks(dense_modules, acc.dense_hook):
-        dense_outputs = runner.run_pair(block, dense_block, dense_batches, batches, before_batch=acc.start_batch)
-    return acc.stats, dense_outputs
 
 
 def accumulator_bytes(shape: tuple[int, int], cov: bool, fisher: bool) -> int:
@@ -137,7 +101,9 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
         part = {n: GradientStats(*shapes[n], cov=cov, fisher=fisher, device=device) for n in group}
         desc = "gradient statistics" + (f" ({number}/{len(groups)})" if len(groups) > 1 else "")
         _backward_walk(model, {n: modules[n] for n in group}, part, calib, device, desc, progress, labels, seed)
+        positions = calib.shape[1]
         for name, s in part.items():
+            s.fisher_scale = float(positions * (positions - 1 if labels == "data" else positions))
             for field in ("sq_sum", "cov", "fisher_rows", "fisher_cols"):
                 if getattr(s, field) is not None:
                     setattr(s, field, getattr(s, field).cpu())

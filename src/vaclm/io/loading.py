@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,24 +57,84 @@ def demo_gguf_path() -> Path:
     return files[0]
 
 
+def _is_demo(gguf: Path) -> bool:
+    try:
+        return gguf.resolve() == demo_gguf_path().resolve()
+    except VaclmError:
+        return False
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("VACLM_CACHE", Path.home() / ".cache" / "vaclm"))
 
 
 def resolve_source(source: str | os.PathLike) -> str:
-    """Map the demo alias to its file and reject paths that do not exist, before any loading."""
+    """Map the demo alias to its file and reject local names that do not exist, before any loading.
+
+    A name that does not exist here is a hub id only if it cannot be a local path or a typo of the
+    demo alias: see check_model_source.
+    """
     source = str(source)
+    if not source.strip():
+        raise VaclmError("no model given; pass a model folder, a .gguf file, a hub id or demo")
     if source in DEMO_ALIASES:
         return str(demo_gguf_path())
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists():
             raise VaclmError(f"{source} is a folder without config.json; point at a saved model folder")
+        if path.is_file() and path.suffix != ".gguf":
+            raise VaclmError(f"{source} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
         return str(path)
-    looks_local = source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local:
-        raise VaclmError(f"model not found: {source} (give an existing folder, a .gguf file or a hub id)")
+    if _looks_local(source) or _near_demo(source):
+        hint = _suggestion(source)
+        raise VaclmError(f"model not found: {source!r} (no such folder or file)"
+                         + (f"; did you mean {hint!r}?" if hint else "; give an existing folder, a .gguf file or a hub id"))
     return source  # a hub id
+
+
+def check_model_source(source: str | os.PathLike) -> None:
+    """Fail at once, in one line, on a model name that cannot load, before anything slow runs.
+
+    Local-looking names are checked here instead of costing hub retries: a name starting with ., /
+    or ~, ending in .gguf, with more than one /, or whose first folder exists here (`out/missing`
+    when out/ exists), and names within two edits of the demo alias (`dmeo`). Any other name that is
+    not here (`org/name`, `gpt2`) is a hub id and is not checked (that needs the network).
+    """
+    resolve_source(source)
+
+
+def _looks_local(source: str) -> bool:
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf"):
+        return True
+    parts = [p for p in source.replace("\\", "/").split("/") if p]
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _near_demo(source: str) -> str | None:
+    """The demo alias `source` is a typo of (`dmeo`, `Demo`), if any."""
+    import difflib
+
+    close = difflib.get_close_matches(source.lower(), DEMO_ALIASES, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def _suggestion(source: str) -> str | None:
+    """The demo alias, or the closest name next to a missing path (`out/modle` -> `out/model`)."""
+    import difflib
+
+    if alias := _near_demo(source):
+        return alias
+    path = Path(source).expanduser()
+    try:
+        names = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names[:10_000], n=1, cutoff=0.75)
+    if not close:
+        return None
+    head, sep, _ = source.rstrip("/").rpartition("/")
+    return f"{head}{sep}{close[0]}"
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -83,6 +144,9 @@ def gguf_to_folder(gguf: Path) -> Path:
     folder = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").exists():
         return folder
+    size = " (about 0.5 GB)" if _is_demo(gguf) else ""
+    print(f"vaclm: converting {gguf.name} once to float32 weights in {folder}{size}; later runs reuse them "
+          "(set VACLM_CACHE to cache elsewhere)", file=sys.stderr, flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -111,7 +175,7 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", dev
     """(model, tokenizer-or-None) on CPU in eval mode. vaclm folders are validated first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..io.validate import validate_folder
+    from .validate import validate_folder
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -120,7 +184,7 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", dev
         resolved = str(gguf_to_folder(Path(resolved)))
     if Path(resolved).is_dir():
         validate_folder(Path(resolved))
-    import vaclm.io.hf_quantizer  # noqa: F401  (registered at `import vaclm`; explicit for readers)
+    from . import hf_quantizer  # noqa: F401  (registered at `import vaclm`; explicit for readers)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
