@@ -37,6 +37,11 @@ def calibration_ids(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
     return calibration_windows(ids, config.calib_samples, config.calib_seq_len, config.seed)[0]
 
 
+def model_identity(model) -> str:
+    """What a checkpoint's fingerprint knows of the model it belongs to."""
+    return f"{model.config.model_type}:{getattr(model.config, '_name_or_path', '')}:{model.num_parameters()}"
+
+
 def token_stream(source, tokenizer, role: str) -> torch.Tensor:
     """1-D token ids of `source`: a tensor passes through, text (file, folder, keyword) is tokenised."""
     from .data.text import load_text, tokenize
@@ -106,9 +111,8 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
     ids, fit = data_roles(calib, fitness, eval_text, tokenizer, config)
     checkpoint = None
     if checkpoint_dir is not None:
-        model_id = f"{model.config.model_type}:{getattr(model.config, '_name_or_path', '')}:{model.num_parameters()}"
         data = ids if fit is None else torch.cat([ids.flatten(), fit.flatten()])
-        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), data, model_id), resume)
+        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), data, model_identity(model)), resume)
     torch.manual_seed(config.seed)
     try:
         result = compress_model(model, config, ids, ranks=ranks, fitness=fit, device=resolve_device(device),
@@ -179,7 +183,6 @@ def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenize
     `stop_after` stops after that many optimizer steps (a resumable, unfinished result). `source`
     names the folder a model passed as a module came from (its reports are copied on save).
     """
-    from .data.text import load_text, tokenize
     from .io.checkpoint import fingerprint
     from .io.loading import resolve_device, resolve_dtype
     from .recovery.checkpoint import HealCheckpoint
@@ -203,15 +206,10 @@ def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenize
                          "choose a teacher that shares the student's tokenizer (e.g. the model it was compressed from)")
     if calib is None:
         raise VaclmError("heal needs text: a file, a folder, a dataset name or a tensor of token ids")
-    if isinstance(calib, torch.Tensor):
-        ids = calib.long().flatten()
-    else:
-        ids = tokenize(tokenizer, load_text(str(calib), role="calibration"))
-    train, val = heal_windows(ids, config)
+    train, val = heal_windows(token_stream(calib, tokenizer, "calibration").flatten(), config)
     checkpoint = None
     if checkpoint_dir is not None:
-        identity = "|".join(f"{m.config.model_type}:{getattr(m.config, '_name_or_path', '')}:{m.num_parameters()}"
-                            for m in (model, teacher))
+        identity = f"{model_identity(model)}|{model_identity(teacher)}"
         run_id = fingerprint(config.to_dict(), torch.cat([train.flatten(), val.flatten()]), identity)
         checkpoint = HealCheckpoint(Path(checkpoint_dir), run_id, resume)
     torch.manual_seed(config.seed)
@@ -228,10 +226,9 @@ def heal(model, teacher, calib, config=None, *, tokenizer=None, teacher_tokenize
 def evaluate(model, text, tokenizer=None, seq_len: int = 2048, max_windows: int | None = None,
              progress: bool = True) -> dict:
     """Perplexity of `model` on `text` (a file, a dataset name, or 1-D token ids)."""
-    from .data.text import load_text, tokenize
     from .eval.perplexity import perplexity
 
-    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, load_text(str(text), role="evaluation"))
+    ids = token_stream(text, tokenizer, "evaluation")
     device = str(next(model.parameters()).device)
     return perplexity(model, ids.flatten(), seq_len=seq_len, max_windows=max_windows, device=device, progress=progress)
 
