@@ -33,6 +33,7 @@ def test_dense_demo_perplexity_is_sane(demo):
     assert 10 < demo[3] < 40  # 22.7 on 16 x 1024 windows; short windows read a little higher
 
 
+@pytest.mark.slow  # two compressions of the real model: the longest test of the suite
 def test_whitened_svd_survives_where_plain_svd_collapses(demo):
     _, result, whitened = compressed_ppl(demo, "svd-llm", 0.8)
     _, _, plain = compressed_ppl(demo, "svd", 0.8)
