@@ -281,3 +281,22 @@ def test_cli_evolve_end_to_end_and_evaluation_text_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar of transformers
     assert err.startswith("vaclm: error: calibration and evaluation data overlap (100.0% of their 32-token")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_evolve_with_int8_and_a_byte_budget_searches_in_bytes():
+    """--allocation evolve --int8 --target-size: the search space is priced in bytes like its knapsack
+    start, so the evolved model meets the byte budget (in parameters it may keep more than 0.5)."""
+    from dataclasses import replace
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    target = int(0.7 * dense_bytes)
+    config = replace(evolve_config(generations=2), int8=True, target_bytes=target)
+    result = vaclm.compress(model, config, token_batch(8, 32, seed=1), fitness=token_batch(16, 32, seed=2),
+                            progress=False)
+    now = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert now <= target * 1.001, (now, target)
+    # costs in the report are bytes: a factorised matrix costs (out + in) bytes per rank plus float scales
+    name, entry = next((n, a) for n, a in result.allocation.items() if a["rank"] is not None)
+    out_f, in_f = result.shapes[name]
+    assert entry["cost"] == entry["rank"] * (out_f + in_f + 4) + out_f * 4
