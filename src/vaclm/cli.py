@@ -200,11 +200,10 @@ def cmd_heal(args) -> dict:
 
     config = from_args(HealConfig, args)
     check_output(Path(args.out), args.overwrite)
-    from .data.text import check_text_source
+    check_inputs(args, (args.calib, "calibration"))
     from .io.loading import check_model_source
 
     check_model_source(args.teacher)
-    check_text_source(args.calib, "calibration")
     partial = Path(f"{args.out}.partial")
     if partial.exists() and args.overwrite and not args.resume:
         shutil.rmtree(partial)
