@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import add_options, cli_fields, from_args
+from .cli_args import add_options, from_args, given
 from .config import EVOLVE, CompressConfig, SearchOptions
 from .errors import VaclmError
 from .recovery.config import HealConfig
@@ -150,11 +150,10 @@ def cmd_compress(args) -> dict:
     from .methods import method_options
     from .search.backends import parse_workers
 
-    search = from_args(SearchOptions, args)
     from .methods import METHODS
 
-    flags = {f.name for cls in METHODS.values() for f in cli_fields(cls.Options)}
-    options = method_options(args.method, {n: getattr(args, n) for n in flags if hasattr(args, n)})
+    search = from_args(SearchOptions, args)
+    options = method_options(args.method, {k: v for cls in METHODS.values() for k, v in given(cls.Options, args).items()})
     config = from_args(CompressConfig, args, options=options, search=search)
     workers = parse_workers(args.workers)
     check_output(Path(args.out), args.overwrite)

@@ -82,10 +82,14 @@ def check_tensors(qc: dict, meta: dict[str, tuple[list[int], str]], where: str) 
                                  "the folder was modified after saving, re-export it with `vaclm export --int8`")
 
 
-def check_ranks(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
-    version = qc.get("version", 0)
+def check_version(version, where: str) -> None:
+    """Versions 1 and 2 lay the tensors out alike (2 adds the weights marker); newer ones are refused."""
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise VaclmError(f"{where}: vaclm format version {version!r} is not supported (this vaclm reads 1 to {FORMAT_VERSION}); upgrade vaclm")
+
+
+def check_ranks(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
+    check_version(qc.get("version", 0), where)
     ranks = qc.get("ranks")
     if not isinstance(ranks, dict):
         raise VaclmError(f"{where}: quantization_config has no 'ranks' table; the folder is damaged, re-save it")

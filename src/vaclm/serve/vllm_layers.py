@@ -38,7 +38,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import VaclmError
-from ..io.validate import FORMAT_VERSION
+from ..io.validate import check_version
 
 
 @register_quantization_config("vaclm")
@@ -65,12 +65,8 @@ class VaclmVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "VaclmVllmConfig":
-        # versions 1 and 2 lay the tensors out alike (2 adds config.json's "transformers_weights" marker,
-        # which only transformers reads; vLLM finds the *.safetensors files itself)
-        version = config.get("version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise VaclmError(f"vaclm format version {version!r} is not supported (this vaclm reads 1 to {FORMAT_VERSION}); "
-                             "upgrade vaclm")
+        # the weights marker of version 2 is for transformers only: vLLM finds the *.safetensors itself
+        check_version(config.get("version", 1), "vaclm quantization_config")
         if config.get("int8"):
             raise VaclmError("vLLM serves vaclm folders with float factors; int8 factors are not supported there: "
                              "serve the folder from before `vaclm export --int8`")
