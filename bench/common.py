@@ -66,13 +66,13 @@ def demo_gradients(model, tokenizer, config):
     import time
 
     import vaclm.api as api
-    from vaclm.io.checkpoint import load_gradients, save_gradients
+    from vaclm.io.checkpoint import load_gradients, save_all_gradients
     from vaclm.model.arch import get_submodule, spec_for, target_names
     from vaclm.model.statistics import gradient_stats
 
     labels = "" if config.fisher_labels == "data" else f"-{config.fisher_labels}"
-    path = CACHE / f"grads-{config.calib_samples}x{config.calib_seq_len}-s{config.seed}{labels}.safetensors"
-    if path.exists():
+    path = CACHE / f"grads-{config.calib_samples}x{config.calib_seq_len}-s{config.seed}{labels}"
+    if (path / "gradients.json").exists():
         return load_gradients(path), None
     ids = api.calibration_ids(str(WIKI_VALID), tokenizer, config)
     spec = spec_for(model.config.model_type)
@@ -82,7 +82,7 @@ def demo_gradients(model, tokenizer, config):
                            labels=config.fisher_labels, seed=config.seed)
     seconds = time.time() - start
     CACHE.mkdir(parents=True, exist_ok=True)
-    save_gradients(path, grads)
+    save_all_gradients(path, grads)
     return grads, seconds
 
 

@@ -42,6 +42,7 @@ def test_whitened_svd_survives_where_plain_svd_collapses(demo):
     assert plain > 5 * whitened, (plain, whitened)
 
 
+@pytest.mark.slow  # about 80 s: the default suite stays within 5 minutes
 def test_cli_compress_info_eval_export(demo, tmp_path):
     out, dense_out = tmp_path / "k09", tmp_path / "dense"
     # knapsack pricing with svd-llm: 4 x 128 tokens are too few for gfwsvd's 1536-wide gradient covariances

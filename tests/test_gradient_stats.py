@@ -122,10 +122,30 @@ def test_grouped_walks_give_the_same_statistics(setup):
     """A memory budget too small for two layers' accumulators splits the walk into one pass per layer."""
     model, modules, calib, stats, _ = setup
     picked = {n: modules[n] for n in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj")}
-    grouped = gradient_stats(model, picked, calib, "cpu", cov=True, fisher=True, progress=False, memory_budget=1)
+    grouped = gradient_stats(model, picked, calib, "cpu", cov=True, fisher=True, progress=False, accumulator_budget=1)
     for name in picked:
         for field in ("cov", "sq_sum", "fisher_rows", "fisher_cols"):
             close(getattr(grouped[name], field), getattr(stats[name], field), rtol=1e-12)
+
+
+def test_groups_spilled_to_disk_read_back_layer_by_layer(setup, tmp_path):
+    """Each group goes to files as it finishes (memory holds one group); the index reads any layer back."""
+    from vaclm.io.checkpoint import Checkpoint
+
+    model, modules, calib, stats, _ = setup
+    picked = {n: modules[n] for n in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj")}
+    writer = Checkpoint(tmp_path / "ck", "run", resume=False).gradient_writer()
+    kept = gradient_stats(model, picked, calib, "cpu", cov=True, fisher=True, progress=False, accumulator_budget=1,
+                          spill=writer.add)
+    writer.finish()
+    assert kept == {}  # nothing held in memory
+    on_disk = Checkpoint(tmp_path / "ck", "run", resume=True).gradients()
+    assert set(on_disk) == set(picked) and on_disk.has("cov") and on_disk.has("fisher_rows")
+    assert len(set(on_disk.files.values())) == 2  # one file per group here
+    for name in picked:
+        assert on_disk.shape(name) == (stats[name].out_dim, stats[name].in_dim)
+        for field in ("cov", "sq_sum", "fisher_rows", "fisher_cols"):
+            close(getattr(on_disk[name], field), getattr(stats[name], field), rtol=1e-12)
 
 
 def test_parameters_keep_their_requires_grad_flags(setup):

@@ -98,7 +98,8 @@ def test_saved_config_is_format_2_with_the_weights_marker(saved):
     from vaclm.io.validate import FORMAT_VERSION, WEIGHTS_MARKER
 
     config = json.loads((saved[0] / "v2" / "config.json").read_text())
-    assert FORMAT_VERSION == 2 and config["quantization_config"]["version"] == 2
+    # low-rank folders stay version 2 (older vaclm reads them); 3 is written only for pruned layers
+    assert FORMAT_VERSION == 3 and config["quantization_config"]["version"] == 2
     assert config["transformers_weights"] == WEIGHTS_MARKER and "pip install vaclm" in WEIGHTS_MARKER
     assert (saved[0] / "v2" / "model.safetensors").is_file()  # the standard name: vLLM and vaclm read it as before
 
@@ -144,12 +145,12 @@ def test_a_newer_format_is_refused_with_upgrade(saved, tmp_path):
 
     from vaclm.errors import VaclmError
 
-    folder = tmp_path / "v3"
+    folder = tmp_path / "v4"
     shutil.copytree(saved[0] / "v2", folder)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["version"] = 3
+    config["quantization_config"]["version"] = 4  # 3 (pruned layers) is read since --structure prune
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(VaclmError, match="format version 3 is not supported .*upgrade vaclm"):
+    with pytest.raises(VaclmError, match="format version 4 is not supported .*upgrade vaclm"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 

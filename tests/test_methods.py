@@ -106,7 +106,7 @@ def test_grouped_gradient_walk_equals_single_walk():
     modules = {n: get_submodule(model, n) for n in names}
     ids = token_batch(3, 16)
     one = gradient_stats(model, modules, ids, "cpu", cov=True, fisher=True, progress=False)
-    many = gradient_stats(model, modules, ids, "cpu", cov=True, fisher=True, progress=False, memory_budget=60_000)
+    many = gradient_stats(model, modules, ids, "cpu", cov=True, fisher=True, progress=False, accumulator_budget=60_000)
     for n in names:
         torch.testing.assert_close(one[n].cov, many[n].cov)
         torch.testing.assert_close(one[n].fisher_rows, many[n].fisher_rows)

@@ -84,13 +84,30 @@ def test_cli_bench(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "a")
     tiny_model("llama", seed=1).save_pretrained(tmp_path / "b")
     proc = run_cli("bench", str(tmp_path / "a"), "--baseline", str(tmp_path / "b"), "--reps", "1", "--new-tokens", "2",
-                   "--prefill-lens", "32,64", "--decode-batches", "1,2", "--threads", "1", "--json", "--quiet")
+                   "--prefill-lens", "32,64", "--decode-batches", "1,2", "--threads", "1", "--int8-baseline",
+                   "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("prefill_speedup", "prefill_speedup_64", "decode_speedup", "decode_speedup_b2"):
-        assert out[key] > 0
+    for key in ("prefill_speedup", "prefill_speedup_64", "decode_speedup", "decode_speedup_b2",
+                "int8_decode_speedup", "decode_speedup_vs_int8", "prefill_speedup_vs_int8", "decode_speedup_b2_vs_int8"):
+        assert out[key] > 0, key
+    assert out["configurations"] == ["model", "baseline", "model_int8", "baseline_int8"]
+    # int8 weights in every decoder linear and the lm_head: under a third of the float bytes read per token
+    for name in ("model", "baseline"):
+        assert out[f"{name}_int8"]["weights_read_per_token"] < out[name]["weights_read_per_token"] / 3
+    bounds = out["bytes_read_bounds"]
+    assert bounds["decode_speedup_vs_int8"] == pytest.approx(
+        out["baseline_int8"]["weights_read_per_token"] / out["model_int8"]["weights_read_per_token"])
     assert out["threads"] == 1 and out["baseline_source"] == str(tmp_path / "b")
     assert "speedup  prefill_speedup" in proc.stderr  # with --json the human lines go to stderr
+    assert "bound    decode_speedup" in proc.stderr
+
+
+def test_cli_int8_baseline_needs_a_baseline(capsys):
+    from vaclm.cli import main
+
+    assert main(["bench", "demo", "--int8-baseline", "--quiet"]) == 2  # refused before any model loads
+    assert "--int8-baseline needs --baseline" in capsys.readouterr().err
 
 
 def test_lowrank_fast_path_matches_submodules_and_respects_hooks():
@@ -105,3 +122,14 @@ def test_lowrank_fast_path_matches_submodules_and_respects_hooks():
     m.down.register_forward_hook(lambda mod, args, out: seen.append(out.shape))  # e.g. a statistics hook
     m(x)
     assert seen == [torch.Size([2, 3, 4])]
+
+
+def test_decode_passes_the_cache_the_supported_way():
+    """Newer transformers renamed `past_key_values` to `cache` and warn on the old name."""
+    import warnings
+
+    model = tiny_model("llama")
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        decode_seconds(model, token_batch(1, 4), 2)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -16,11 +16,14 @@ class Loaded(NamedTuple):
     tokenizer: object | None
 
 
-def load(source: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Loaded:
-    """Hub id, local folder, .gguf file, vaclm folder or "demo" -> (model, tokenizer) on `device`."""
+def load(source: str, dtype: str | torch.dtype = "auto", device: str = "cpu", keep: float | None = None) -> Loaded:
+    """Hub id, local folder, .gguf file, vaclm folder or "demo" -> (model, tokenizer) on `device`.
+
+    `keep`: an elastic folder (`vaclm compress --elastic`) at that kept fraction, between its smallest
+    ranks and its top size (docs/elastic.md); the same model `vaclm resize --keep` writes."""
     from .io.loading import load_model, resolve_device
 
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, keep=keep)
     return Loaded(model.to(resolve_device(device)), tokenizer)
 
 
@@ -112,7 +115,8 @@ def compress(model, config: CompressConfig | None = None, calib=None, *, tokeniz
     checkpoint = None
     if checkpoint_dir is not None:
         data = ids if fit is None else torch.cat([ids.flatten(), fit.flatten()])
-        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(config.to_dict(), data, model_identity(model)), resume)
+        run_config = {**config.to_dict(), "memory_budget": None}  # a resumed run may use another budget
+        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(run_config, data, model_identity(model)), resume)
     torch.manual_seed(config.seed)
     try:
         result = compress_model(model, config, ids, ranks=ranks, fitness=fit, device=resolve_device(device),
@@ -147,6 +151,11 @@ def save(model, out: str | Path, tokenizer=None, result=None, overwrite: bool = 
 
     def extra(folder):
         write_allocation(folder, result)
+        if getattr(result, "elastic", None) is not None:  # --elastic: elastic/ (io/elastic.py)
+            from .io.elastic import write_elastic
+            from .io.save import int8_flag
+
+            write_elastic(folder, result.elastic, result.spare, int8_flag(model))
         if getattr(result, "search", None):  # --allocation evolve: search.json and search.png
             write_search(folder, result.search)
 
@@ -246,7 +255,10 @@ def zero_shot(model, tasks="piqa,winogrande", tokenizer=None, data_dir=None, lim
 
 def bench(model, baseline=None, settings=None, progress: bool = True) -> dict:
     """Prefill and decode tokens/s and peak memory of `model` and `baseline` measured in one run,
-    with their ratios (prefill_speedup, decode_speedup, ...: > 1 means `model` is faster)."""
+    with their ratios (prefill_speedup, decode_speedup, ...: > 1 means `model` is faster). With
+    settings.int8_baseline, both also run with int8 weights in every decoder linear and the lm_head
+    (the same int8 kernel): int8_decode_speedup (int8 model over float baseline) and
+    decode_speedup_vs_int8 (int8 model over int8 baseline), and the same for prefill."""
     from .eval.speed import benchmark
 
     return benchmark(model, baseline, settings=settings, progress=progress)

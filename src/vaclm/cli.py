@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: windows of --calib not drawn for calibration)")
     evolve.add_argument("--workers", default=None, help="score offspring on Ray: N local workers, or ray://host:port")
 
+    p = sub.add_parser("plan", help="estimate a compression's peak memory and time per stage, from the config alone")
+    p.add_argument("model", help="hub id (only config.json is read), folder with config.json, .gguf file, or 'demo'")
+    add_options(p, CompressConfig, {}, choices={"method": tuple(METHODS), "allocation": tuple(ALLOCATIONS)})
+    _common(p)
+    _method_option_group(p)
+
     e = sub.add_parser("eval", help="perplexity (default: 16 x 1024 tokens of WikiText-2 test) and zero-shot accuracy")
     e.add_argument("model", help="a vaclm folder, or any model `compress` takes")
     e.add_argument("--ppl", default=DEFAULT_TEXT,
@@ -110,12 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--resume", action="store_true", help="continue a stopped run from OUT.partial")
     _common(h)
 
+    r = sub.add_parser("resize", help="an elastic folder (compress --elastic) at a smaller keep: seconds, no data")
+    r.add_argument("model", help="a folder written by `vaclm compress ... --elastic`")
+    r.add_argument("--keep", type=float, required=True,
+                   help="fraction of decoder linear parameters kept, from the folder's smallest ranks to its --keep")
+    r.add_argument("--out", required=True, help="output folder (written atomically): an ordinary vaclm folder")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    r.add_argument("--json", action="store_true", help="last line of stdout: one JSON object; messages go to stderr")
+
     x = sub.add_parser("export", help="write a compressed model in another form")
     x.add_argument("model", help="a vaclm folder")
     form = x.add_mutually_exclusive_group(required=True)
     form.add_argument("--dense", action="store_true", help="multiply factors back: an ordinary checkpoint")
     form.add_argument("--int8", action="store_true", help="int8 factors with per-row scales (a vaclm folder)")
-    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    form.add_argument("--gguf", metavar="OUT.gguf", help="a dense or --structure prune Llama model as a GGUF file "
+                                                         "for llama.cpp (float16; quantise it with llama-quantize)")
+    x.add_argument("--out", help="output folder (written atomically; --dense and --int8)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _common(x)
     return parser
@@ -147,37 +163,46 @@ def _folder_bytes(folder: Path) -> int:
 def cmd_compress(args) -> dict:
     from . import api
     from .io.save import check_output
-    from .methods import method_options
+    from .resources import StageLog
     from .search.backends import parse_workers
 
-    from .methods import METHODS
-
-    search = from_args(SearchOptions, args)
-    options = method_options(args.method, {k: v for cls in METHODS.values() for k, v in given(cls.Options, args).items()})
-    config = from_args(CompressConfig, args, options=options, search=search)
+    config = compress_config(args)
     workers = parse_workers(args.workers)
     check_output(Path(args.out), args.overwrite)
     check_inputs(args, (args.calib, "calibration"), *((t, "calibration") for t in (args.fitness,) if t),
                  *((t, "evaluation") for t in (args.eval_text,) if t))
+    planned = check_plan(args, config)
     partial = Path(f"{args.out}.partial")
     if partial.exists() and args.overwrite and not args.resume:
         shutil.rmtree(partial)
-    model, tokenizer = api.load(args.model, dtype=args.dtype, device="cpu")
+    device, dtype = compute_device(args)
+    stages = StageLog(device)
+    with stages.stage("load"):  # on the CPU in the compute device's dtype; blocks move to the device as needed
+        model, tokenizer = api.load(args.model, dtype=dtype, device="cpu")
     before = _bytes(model)
     result = api.compress(model, config, args.calib, tokenizer=tokenizer, device=args.device, progress=not args.quiet,
                           checkpoint_dir=partial, resume=args.resume, fitness=args.fitness, eval_text=args.eval_text,
                           workers=workers)
-    out = api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
+    with stages.stage("save"):
+        out = api.save(model, args.out, tokenizer, result=result, overwrite=args.overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     factorised = sum(r is not None for r in result.ranks.values())
+    measured = {"load": stages.stages["load"], **result.stages, "save": stages.stages["save"]}
     summary = {"out": args.out, "kept_fraction": round(result.kept_fraction, 4), "seconds": round(result.seconds, 1),
                "int8": config.int8, "weight_bytes_before": before, "weight_bytes_after": _bytes(model),
-               "folder_bytes": _folder_bytes(out), "factorised": factorised, "targets": len(result.ranks)}
+               "folder_bytes": _folder_bytes(out), "factorised": factorised, "targets": len(result.ranks),
+               "stages": measured, "peak_host_bytes": max(s["peak_host_bytes"] for s in measured.values()),
+               "peak_device_bytes": max(s["peak_device_bytes"] for s in measured.values()),
+               "plan": {k: planned[k] for k in ("seconds", "peak_host_bytes", "peak_device_bytes")}}
     say(args, f"saved {args.out} in {result.seconds:.0f} s: kept {result.kept_fraction:.4f} of decoder linear parameters"
               + (" (factors stored as int8)" if config.int8 else ""))
     say(args, f"  weights {before / 1e6:,.1f} MB -> {summary['weight_bytes_after'] / 1e6:,.1f} MB in memory, "
               f"{summary['folder_bytes'] / 1e6:,.1f} MB on disk; {factorised} of {len(result.ranks)} matrices "
               f"factorised, {len(result.ranks) - factorised} kept dense")
+    say(args, f"  cost: {sum(s['seconds'] for s in measured.values()):.0f} s, peak memory "
+              f"{summary['peak_host_bytes'] / 2**30:.1f} GiB host"
+              + (f", {summary['peak_device_bytes'] / 2**30:.1f} GiB GPU" if summary["peak_device_bytes"] else "")
+              + f" (planned: {_secs(planned['seconds'])}, {planned['peak_host_bytes'] / 2**30:.1f} GiB host)")
     reports = [n for n in ("allocation.json", "allocation.png", "search.json", "search.png") if (out / n).exists()]
     say(args, f"  report: {', '.join(str(out / n) for n in reports)}")
     if getattr(result, "search", None):
@@ -191,6 +216,60 @@ def cmd_compress(args) -> dict:
     say(args, f"next: vaclm eval {args.out}   (perplexity on 16 x 1024 tokens of WikiText-2 test)\n"
               f"      vaclm bench {args.out} --baseline {args.model}   (speed against the original)")
     return summary
+
+
+def compress_config(args) -> CompressConfig:
+    from .methods import METHODS, method_options
+
+    options = method_options(args.method, {k: v for cls in METHODS.values() for k, v in given(cls.Options, args).items()})
+    search = from_args(SearchOptions, args) if hasattr(args, "generations") else SearchOptions()
+    return from_args(CompressConfig, args, options=options, search=search)
+
+
+def compute_device(args) -> tuple[str, str]:
+    """(device, dtype name) the run computes in: --dtype auto follows the device."""
+    from .io.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, str(resolve_dtype(args.dtype, device)).replace("torch.", "")
+
+
+def cmd_plan(args) -> dict:
+    from .plan import make_plan
+    from .plan.estimate import gib, verdict
+
+    from .io.loading import resolve_dtype
+
+    check_inputs(args)
+    # a plan may be for a GPU that is not in this machine (memory only, then)
+    device = args.device if args.device.startswith("cuda") else compute_device(args)[0]
+    dtype = str(resolve_dtype(args.dtype, device)).replace("torch.", "")
+    plan = make_plan(args.model, compress_config(args), device, dtype)
+    say(args, f"plan: compress {args.model} on {device} in {dtype} (estimates; nothing is loaded)")
+    say(args, f"  {'stage':22s} {'peak host':>10s} {'peak GPU':>10s} {'time':>9s}")
+    for s in plan.stages:
+        gpu = gib(s.peak_device_bytes) if plan.device_limit else "-"
+        say(args, f"  {s.name:22s} {gib(s.peak_host_bytes):>10s} {gpu:>10s} {_secs(s.seconds):>9s}  {s.note}")
+    say(args, f"  {'whole run':22s} {gib(plan.peak_host_bytes):>10s} "
+              f"{gib(plan.peak_device_bytes) if plan.device_limit else '-':>10s} {_secs(plan.seconds):>9s}")
+    say(args, verdict(plan))
+    return plan.to_dict()
+
+
+def _secs(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.0f}s"
+
+
+def check_plan(args, config: CompressConfig) -> dict:
+    """Stop before loading anything when the run cannot fit; returns the plan (for the report)."""
+    from .plan import make_plan
+    from .plan.estimate import verdict
+
+    device, dtype = compute_device(args)
+    plan = make_plan(args.model, config, device, dtype)
+    if not plan.fits:
+        raise VaclmError(f"{args.model}: {verdict(plan)} (vaclm plan {args.model} shows every stage)")
+    return plan.to_dict()
 
 
 def cmd_heal(args) -> dict:
@@ -262,6 +341,8 @@ def cmd_bench(args) -> dict:
         torch.set_num_threads(args.threads)
     settings = from_args(BenchSettings, args)
     settings.check()
+    if settings.int8_baseline and not args.baseline:
+        raise VaclmError("--int8-baseline needs --baseline (the dense model to quantise the same way)")
     check_inputs(args)
     if args.baseline:
         from .io.loading import check_model_source
@@ -271,14 +352,16 @@ def cmd_bench(args) -> dict:
     baseline = api.load(args.baseline, dtype=args.dtype, device=args.device)[0] if args.baseline else None
     res = api.bench(model, baseline, settings=settings, progress=not args.quiet)
     res["model_source"], res["baseline_source"] = args.model, args.baseline
-    for name in ("model", "baseline") if baseline is not None else ("model",):
+    for name in res["configurations"]:
         r = res[name]
         prefill = "  ".join(f"prefill@{n} {v:,.0f} tok/s" for n, v in r["prefill_tokens_per_s"].items())
         decode = "  ".join(f"decode b{b} {v:,.1f} tok/s" for b, v in r["decode_tokens_per_s"].items())
-        say(args, f"{name:8s} {prefill}  {decode}  weights {r['weight_bytes'] / 1e6:,.0f} MB  "
-                  f"peak +{r['peak_memory_rise_bytes'] / 1e6:,.0f} MB")
+        say(args, f"{name:13s} {prefill}  {decode}  weights {r['weight_bytes'] / 1e6:,.0f} MB  "
+                  f"read/token {r['weights_read_per_token'] / 1e6:,.0f} MB  peak +{r['peak_memory_rise_bytes'] / 1e6:,.0f} MB")
     if baseline is not None:
         say(args, "speedup  " + "  ".join(f"{k} {v:.3f}" for k, v in res.items() if k.endswith("speedup") or "speedup_" in k))
+        say(args, "bound    " + "  ".join(f"{k} {v:.3f}" for k, v in res["bytes_read_bounds"].items())
+            + "   (ratio of weight bytes read per decode step)")
     return res
 
 
@@ -296,6 +379,8 @@ def cmd_info(args) -> dict:
     if "folder_bytes" in info:
         say(args, f"weights on disk: {info['folder_bytes']:,} bytes")
     say(args, f"decoder linears: {info['factorised']}/{info['targets']} factorised, kept fraction {info['kept_fraction']:.4f}")
+    if info.get("pruned_mlps"):
+        say(args, f"MLPs pruned to fewer neurons: {info['pruned_mlps']}")
     for kind, r in info["ranks"].items():
         say(args, f"  {kind:28s} rank min {r['min']:5d}  median {r['median']:7.1f}  max {r['max']:5d}  ({r['count']} matrices)")
     return info
@@ -304,6 +389,14 @@ def cmd_info(args) -> dict:
 def cmd_export(args) -> dict:
     from .io.export import export_dense, export_int8
 
+    if args.gguf:
+        from .io.gguf_export import export_gguf
+
+        export_gguf(args.model, Path(args.gguf), overwrite=args.overwrite)
+        say(args, f"wrote {args.gguf}")
+        return {"out": args.gguf, "form": "gguf"}
+    if not args.out:
+        raise VaclmError("--dense and --int8 write a folder: give --out FOLDER")
     if args.int8:
         export_int8(args.model, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
         say(args, f"wrote int8 vaclm folder {args.out}")
@@ -313,8 +406,19 @@ def cmd_export(args) -> dict:
     return {"out": args.out, "form": "int8" if args.int8 else "dense"}
 
 
-COMMANDS = {"compress": cmd_compress, "heal": cmd_heal, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
-            "export": cmd_export}
+def cmd_resize(args) -> dict:
+    from .io.resize import resize_folder
+    from .io.save import check_output
+
+    check_output(Path(args.out), args.overwrite)
+    summary = resize_folder(args.model, args.keep, args.out, overwrite=args.overwrite)
+    say(args, f"wrote {args.out}: kept {summary['kept_fraction']:.4f} of decoder linear parameters (asked {args.keep:g}); "
+              f"{summary['factorised']} of {summary['targets']} matrices factorised\nnext: vaclm eval {args.out}")
+    return summary
+
+
+COMMANDS = {"plan": cmd_plan, "compress": cmd_compress, "heal": cmd_heal, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
+            "export": cmd_export, "resize": cmd_resize}
 
 
 def main(argv: list[str] | None = None) -> int:

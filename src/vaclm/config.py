@@ -21,6 +21,7 @@ EVOLVE = "evolutionary search (--allocation evolve, experimental)"
 
 
 SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRUCTURES = ("lowrank", "prune", "mixed")
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,28 @@ class CompressConfig:
     # the best measured combination on the demo model (docs/results.md)
     method: str = option("gfwsvd", "how each matrix is factorised")  # vaclm.methods.METHODS
     allocation: str = option("knapsack", "how ranks are shared under the budget")  # pipeline ALLOCATIONS
+    # prune: remove whole MLP neurons (dense, smaller matrices; GGUF-exportable); mixed: the knapsack
+    # chooses per MLP between pruning and low rank (docs/pruning.md)
+    structure: str = option("lowrank", "lowrank: factorise matrices; prune: remove MLP neurons (every matrix "
+                                       "stays dense, exportable to GGUF); mixed: the knapsack picks per MLP",
+                            choices=STRUCTURES)
     order: str = option("front-to-back", "order in which blocks are compressed", choices=ORDERS)
     sequential: bool = option(True, "each block's statistics come from the inputs the compressed prefix produces "
                                     "(--no-sequential: all from the dense model, one-shot)")
     int8: bool = option(False, "store the factors as int8 with per-row scales; --target-size then counts them at "
                                "one byte")
+    # docs/elastic.md: every smaller keep is a prefix of every matrix's factors (`vaclm resize`)
+    elastic: bool = option(False, "also store what every smaller keep needs: `vaclm resize` or "
+                                  "vaclm.load(..., keep=K) then gives any keep down to the smallest ranks")
     calib_samples: int = option(32, "calibration windows")
     calib_seq_len: int = option(512, "tokens per calibration window")
     batch_size: int = option(4, "calibration windows per forward pass")
     seed: int = option(0, "seed of the calibration windows' draw (and of everything random)")
     rank_align: int = option(8, "ranks are multiples of this (tensor-core and SIMD friendly)")
+    # not part of the result: it bounds memory (gradient statistics are split into layer groups
+    # that fit) and is what `vaclm plan` and the check before compressing compare against
+    memory_budget: int | None = option(None, "memory the run may use: host RAM on CPU, GPU memory on CUDA, e.g. "
+                                             "12GB (default: this machine's)", parse=parse_size, metavar="SIZE")
     # labels of the backward passes that give the gradient statistics: "data" (the calibration
     # text's next tokens: the empirical Fisher, as FWSVD and VAC use it) or "model" (tokens drawn
     # from the model's own next-token distribution: the true Fisher)
@@ -102,6 +115,11 @@ class CompressConfig:
         from .methods import method_options  # validates the name too
 
         object.__setattr__(self, "options", method_options(self.method, self.options))
+        if self.structure not in STRUCTURES:
+            raise VaclmError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
+        if self.structure != "lowrank" and (self.allocation != "knapsack" or not self.sequential or self.elastic):
+            raise VaclmError(f"--structure {self.structure} runs with the knapsack and sequential statistics, not "
+                             "--elastic; drop --allocation/--no-sequential/--elastic or use --structure lowrank")
         if self.order not in ORDERS:
             raise VaclmError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
         if not abs(self.depth_tilt) <= 20:
@@ -110,6 +128,13 @@ class CompressConfig:
             raise VaclmError(f"unknown Fisher labels {self.fisher_labels!r}; choose one of {', '.join(FISHER_LABELS)}")
         if self.target_bytes is not None and self.target_bytes <= 0:
             raise VaclmError(f"target size must be positive, got {self.target_bytes} bytes")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise VaclmError(f"memory budget must be positive, got {self.memory_budget} bytes")
+        if self.elastic and self.allocation != "knapsack":
+            raise VaclmError("--elastic orders every matrix's ranks by the knapsack's loss estimates; "
+                             "drop --allocation or use --allocation knapsack")
+        if self.elastic and self.int8 and self.target_bytes is not None:
+            raise VaclmError("--elastic sizes are fractions of parameters; with --int8 give --keep instead of --target-size")
         if self.rank_align < 1:
             raise VaclmError(f"rank alignment must be >= 1, got {self.rank_align}")
         if self.allocation == "evolve" and self.search.generations is None and self.search.time_limit is None:

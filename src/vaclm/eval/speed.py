@@ -19,12 +19,12 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import VaclmError
+from ..resources import reset_peak_rss, rss_bytes
 from ..options import int_list, option
 
 
@@ -36,6 +36,9 @@ class BenchSettings:
     new_tokens: int = option(128, "decode steps timed per run")
     reps: int = option(5, "timed repetitions per measurement (median)")
     seed: int = option(0, "seed of the random prompts", cli=False)
+    int8_baseline: bool = option(False, "also measure the dense baseline and this model with int8 weights in every "
+                                        "decoder linear and the lm_head, through the same int8 kernel (CPU: PyTorch's "
+                                        "prepacked int8 GEMM), and the ratio between those two")
 
     def check(self) -> None:
         if self.reps < 1 or self.new_tokens < 1 or self.prompt_len < 1:
@@ -85,12 +88,23 @@ def prefill_seconds(model, ids: torch.Tensor) -> Timer:
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> Timer:
     """Prefill the prompt (untimed), then time `new_tokens` single-token steps with the KV cache."""
     out = last_logits(model, prompt, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    name = cache_argument(model)
+    past, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     with Timer(prompt.device) as timer:
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, use_cache=True, **{name: past})
+            past, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     return timer
+
+
+def cache_argument(model) -> str:
+    """`cache` in transformers releases that renamed it (they warn on `past_key_values`), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    cache = getattr(out, "cache", None)  # read `past_key_values` only where `cache` is not there: it warns
+    return cache if cache is not None else out.past_key_values
 
 
 class PeakMemory:
@@ -104,8 +118,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = _rss_bytes("VmRSS")
-            self.cpu_peak_ok = _reset_rss_peak()
+            self.base = rss_bytes("VmRSS")
+            self.cpu_peak_ok = reset_peak_rss()
         return self
 
     def __exit__(self, *exc):
@@ -113,27 +127,9 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated(self.device)
             self.rise = self.peak - self.base
         elif self.cpu_peak_ok:
-            self.rise = max(0, _rss_bytes("VmHWM") - self.base)
+            self.rise = max(0, rss_bytes("VmHWM") - self.base)
         else:
-            self.rise = max(0, _rss_bytes("VmRSS") - self.base)
-        return False
-
-
-def _rss_bytes(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_rss_peak() -> bool:
-    try:  # Linux: writing 5 resets the resident-set high-water mark of this process
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
+            self.rise = max(0, rss_bytes("VmRSS") - self.base)
         return False
 
 
@@ -149,15 +145,67 @@ def _inputs(settings: BenchSettings, vocab: int, device: torch.device) -> dict:
     return {"prefill": prefill, "decode": prompts}
 
 
+def weights_read_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, except the input
+    embedding table, of which a lookup reads one row (unless the lm_head multiplies by the same tensor)."""
+    embedding = model.get_input_embeddings()
+    skip = {id(t) for t in embedding.parameters()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip -= {id(t) for t in head.parameters()}  # tied: the lm_head reads the whole table
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in skip and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def configurations(model, baseline=None, int8: bool = False) -> dict:
+    """name -> model to measure: "model" and "baseline" as given; with `int8`, "model_int8" and
+    "baseline_int8": copies with int8 weights in every decoder linear and the lm_head (int8_weights),
+    the same treatment for both."""
+    import copy
+
+    from ..model.int8_dense import int8_weights
+
+    models = {"model": model}
+    if baseline is not None:
+        models["baseline"] = baseline
+    if int8:
+        for name in list(models):
+            models[f"{name}_int8"] = copy.deepcopy(models[name])
+            int8_weights(models[f"{name}_int8"], lm_head=True)
+    return models
+
+
+# ratio keys: (model, against, prefix, suffix)
+PAIRS = (("model", "baseline", "", ""), ("model_int8", "baseline", "int8_", ""),
+         ("model_int8", "baseline_int8", "", "_vs_int8"))
+
+
 @torch.inference_mode()
 def benchmark(model, baseline=None, settings: BenchSettings | None = None, names: tuple[str, str] = ("model", "baseline"),
               progress: bool = True) -> dict:
-    """Speed of `model` (and `baseline`, interleaved). Ratios are model over baseline: > 1 is faster."""
+    """Speed of `model` (and `baseline`, interleaved). Ratios are model over baseline: > 1 is faster.
+    With settings.int8_baseline, both also run with int8 weights (see configurations())."""
     settings = settings or BenchSettings()
     settings.check()
-    models = {names[0]: model} if baseline is None else {names[0]: model, names[1]: baseline}
-    device = next(model.parameters()).device
-    if baseline is not None and next(baseline.parameters()).device != device:
+    if settings.int8_baseline and baseline is None:
+        raise VaclmError("--int8-baseline needs --baseline (the dense model to quantise the same way)")
+    models = configurations(model, baseline, settings.int8_baseline)
+    if names != ("model", "baseline"):
+        models = {names[0] if k == "model" else names[1] if k == "baseline" else k: m for k, m in models.items()}
+    return benchmark_models(models, settings, progress, pairs=[(names[0], names[1], "", "")] + list(PAIRS[1:]))
+
+
+@torch.inference_mode()
+def benchmark_models(models: dict, settings: BenchSettings, progress: bool = True, pairs=PAIRS) -> dict:
+    """Every model in `models` measured in one interleaved run; `pairs` (model, against, prefix,
+    suffix) name the speedups reported where both are present."""
+    settings.check()
+    device = next(next(iter(models.values())).parameters()).device
+    if any(next(m.parameters()).device != device for m in models.values()):
         raise VaclmError("model and baseline must sit on the same device")
     vocab = min(m.config.vocab_size for m in models.values())
     inputs = _inputs(settings, vocab, device)
@@ -177,8 +225,8 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
     total = len(jobs) * len(models) * (settings.reps + 1)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
     for job in jobs:
-        for rep in range(settings.reps + 1):  # repetition 0 is the warm-up, not recorded
-            order = list(models) if rep % 2 == 0 else list(models)[::-1]
+        for rep in range(settings.reps + 1):  # repetition 0 is the warm-up (and packs int8 weights), not recorded
+            order = _rotated(list(models), rep)
             for name in order:
                 with PeakMemory(device) as mem:
                     timer = run(models[name], *job)
@@ -189,14 +237,18 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
                 bar.update()
     bar.close()
 
+    first = next(iter(models.values()))
     result = {"device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), **asdict(settings),
-              "load_average": [load_start, _load_average()]}
+              "dtype": str(next(first.parameters()).dtype).replace("torch.", ""), **asdict(settings),
+              "load_average": [load_start, _load_average()], "configurations": list(models)}
+    if device.type == "cpu":
+        result["process_peak_rss_bytes"] = rss_bytes("VmHWM")
     for name, m in models.items():
         t = times[name]
         result[name] = {
             "parameters": sum(p.numel() for p in m.parameters()),
             "weight_bytes": weight_bytes(m),
+            "weights_read_per_token": weights_read_per_token(m),
             "peak_memory_rise_bytes": rise[name],
             "memory_measure": "cuda max allocated" if device.type == "cuda" else "RSS high-water mark",
             "prefill_tokens_per_s": {str(n): n / statistics.median(t[("prefill", n)]) for n in settings.prefill_lens},
@@ -207,12 +259,27 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
             "prefill_cpu_seconds": {str(n): cpu[name][("prefill", n)] for n in settings.prefill_lens},
             "decode_cpu_seconds": {str(b): cpu[name][("decode", b)] for b in settings.decode_batches},
         }
-    if baseline is not None:
-        result.update(speedups(result[names[0]], result[names[1]], settings))
-        if device.type == "cpu":  # the same ratios from CPU seconds: steadier when other jobs share the cores
-            result["cpu_time_speedups"] = speedups(_per_second(result[names[0]], settings),
-                                                   _per_second(result[names[1]], settings), settings)
+    cpu_ratios, bounds = {}, {}
+    for a, b, prefix, suffix in pairs:
+        if a in models and b in models:
+            result.update(speedups(result[a], result[b], settings, prefix, suffix))
+            # decode at batch 1 streams the weights: the ratio of bytes read bounds its speedup
+            bounds[f"{prefix}decode_speedup{suffix}"] = result[b]["weights_read_per_token"] / result[a]["weights_read_per_token"]
+            if device.type == "cpu":  # the same ratios from CPU seconds: steadier when other jobs share the cores
+                cpu_ratios.update(speedups(_per_second(result[a], settings), _per_second(result[b], settings), settings,
+                                           prefix, suffix))
+    if bounds:
+        result["bytes_read_bounds"] = bounds
+    if cpu_ratios:
+        result["cpu_time_speedups"] = cpu_ratios
     return result
+
+
+def _rotated(names: list[str], rep: int) -> list[str]:
+    """The order rotates every repetition, so each model goes first as often and slow drift from
+    other jobs on the machine hits all of them alike."""
+    k = rep % len(names)
+    return names[k:] + names[:k]
 
 
 def _per_second(raw: dict, settings: BenchSettings) -> dict:
@@ -223,15 +290,16 @@ def _per_second(raw: dict, settings: BenchSettings) -> dict:
                                     for b in settings.decode_batches}}
 
 
-def speedups(model: dict, base: dict, settings: BenchSettings) -> dict:
-    """prefill_speedup (first length), prefill_speedup_L (others), decode_speedup (first batch), decode_speedup_bB."""
+def speedups(model: dict, base: dict, settings: BenchSettings, prefix: str = "", suffix: str = "") -> dict:
+    """prefill_speedup (first length), prefill_speedup_L (others), decode_speedup (first batch),
+    decode_speedup_bB (others); each key as {prefix}key{suffix}."""
     out = {}
     for i, n in enumerate(settings.prefill_lens):
         key = "prefill_speedup" if i == 0 else f"prefill_speedup_{n}"
-        out[key] = model["prefill_tokens_per_s"][str(n)] / base["prefill_tokens_per_s"][str(n)]
+        out[prefix + key + suffix] = model["prefill_tokens_per_s"][str(n)] / base["prefill_tokens_per_s"][str(n)]
     for i, b in enumerate(settings.decode_batches):
         key = "decode_speedup" if i == 0 else f"decode_speedup_b{b}"
-        out[key] = model["decode_tokens_per_s"][str(b)] / base["decode_tokens_per_s"][str(b)]
+        out[prefix + key + suffix] = model["decode_tokens_per_s"][str(b)] / base["decode_tokens_per_s"][str(b)]
     return out
 
 

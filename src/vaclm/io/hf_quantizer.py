@@ -26,14 +26,21 @@ QUANT_METHOD = "vaclm"
 class VaclmConfig(QuantizationConfigMixin):
     """config.json's quantization_config: {"quant_method": "vaclm", "version", "ranks", "int8"}."""
 
-    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION, int8: bool = False, **kwargs):
+    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION, int8: bool = False,
+                 keep: float | None = None, pruned: dict[str, list[int]] | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.version = version
         self.ranks = dict(ranks or {})
+        # format 3: MLP projections narrowed by pruning, {module: [out, in]}: smaller dense nn.Linear layers
+        self.pruned = {k: list(v) for k, v in (pruned or {}).items()}
         self.int8 = int8  # validated with the tensors: a non-bool here is a damaged config
+        # a loading option, never saved: an elastic folder (docs/elastic.md) loaded at this keep, as in
+        # from_pretrained(folder, quantization_config=VaclmConfig(keep=0.7))
+        self.keep = keep
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "version": self.version, "ranks": dict(self.ranks), "int8": self.int8}
+        data = {"quant_method": QUANT_METHOD, "version": self.version, "ranks": dict(self.ranks), "int8": self.int8}
+        return {**data, "pruned": dict(self.pruned)} if self.pruned else data
 
 
 def release_weights(config) -> None:
@@ -71,6 +78,16 @@ class VaclmQuantizer(HfQuantizer):
             raise VaclmError("cannot check this vaclm folder: transformers passed no .safetensors checkpoint files to "
                              "the vaclm quantizer; load it with vaclm.load(folder) or upgrade transformers")
         check_tensors(self.quantization_config.to_dict(), tensor_meta(files), str(files[0].parent))
+        self._elastic = None
+        if self.quantization_config.keep is not None:  # checked before any weight is read
+            from .resize import plan_resize
+
+            _, top, ranks, _ = plan_resize(files[0].parent, self.quantization_config.keep)
+            self._elastic = (files[0].parent, top, ranks)
+        from ..model.pruned import empty_linear_like
+
+        for name, shape in getattr(self.quantization_config, "pruned", {}).items():
+            set_submodule(model, name, empty_linear_like(shape, get_submodule(model, name)))
         kind = Int8LowRankLinear if self.quantization_config.int8 else LowRankLinear
         for name, rank in self.quantization_config.ranks.items():
             weight, bias = dense_weight(get_submodule(model, name))
@@ -81,6 +98,18 @@ class VaclmQuantizer(HfQuantizer):
             parent = get_submodule(model, name.rpartition(".")[0])
             if not any(True for _ in parent.parameters(recurse=False)) and not any(True for _ in parent.buffers(recurse=False)):
                 parent._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        """An elastic load: the top size's factors, loaded by transformers, cut to the asked keep."""
+        if getattr(self, "_elastic", None) is not None:
+            from .resize import resize_model
+
+            folder, top, ranks = self._elastic
+            resize_model(model, folder, top, ranks)
+            # what the model now is: saving it writes an ordinary folder at this keep
+            self.quantization_config.ranks = {n: r for n, r in ranks.items() if r is not None}
+            self.quantization_config.keep = None
         return model
 
     def is_serializable(self):
@@ -99,6 +128,25 @@ def register() -> None:
         auto.register_quantization_config(QUANT_METHOD)(VaclmConfig)
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
         auto.register_quantizer(QUANT_METHOD)(VaclmQuantizer)
+    merge = auto.AutoHfQuantizer.merge_quantization_configs
+    if not getattr(merge, "vaclm_keep", False):
+        auto.AutoHfQuantizer.merge_quantization_configs = classmethod(_keep_from_args(merge))
+
+
+def _keep_from_args(merge):
+    """transformers keeps a folder's own quantization_config over one passed to from_pretrained; for
+    vaclm the passed one's `keep` (a loading option) is carried over, anything else defers to `merge`."""
+
+    def merged(cls, from_folder, from_args):
+        folder = from_folder.to_dict() if isinstance(from_folder, VaclmConfig) else from_folder
+        if isinstance(from_args, VaclmConfig) and isinstance(folder, dict) and folder.get("quant_method") == QUANT_METHOD:
+            config = VaclmConfig(**{k: v for k, v in folder.items() if k != "keep"})
+            config.keep = from_args.keep
+            return config
+        return merge(from_folder, from_args)
+
+    merged.vaclm_keep = True
+    return merged
 
 
 register()

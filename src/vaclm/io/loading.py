@@ -171,8 +171,10 @@ def gguf_to_folder(gguf: Path) -> Path:
     return folder
 
 
-def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """(model, tokenizer-or-None) on CPU in eval mode. vaclm folders are validated first."""
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               keep: float | None = None):
+    """(model, tokenizer-or-None) on CPU in eval mode. vaclm folders are validated first.
+    `keep`: an elastic folder at that keep (io/resize.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .validate import validate_folder
@@ -186,8 +188,17 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype = "auto", dev
         validate_folder(Path(resolved))
     from . import hf_quantizer  # noqa: F401  (registered at `import vaclm`; explicit for readers)
 
+    extra = {}
+    if keep is not None:  # refused in one line before any weight is read
+        from .resize import plan_resize
+
+        if not Path(resolved).is_dir():
+            raise VaclmError(f"{source} is not an elastic vaclm folder; load(..., keep=) takes the output of "
+                             "`vaclm compress --elastic`")
+        plan_resize(Path(resolved), keep)
+        extra["quantization_config"] = hf_quantizer.VaclmConfig(keep=keep)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **extra)
     except VaclmError:
         raise
     except OSError as exc:

@@ -12,7 +12,11 @@ def allocation_table(result) -> dict:
     for name, (out_f, in_f) in result.shapes.items():
         rank = result.ranks[name]
         cost = out_f * in_f if rank is None else rank * (out_f + in_f)
-        table[name] = {"rank": rank, "shape": [out_f, in_f], "cost": cost, "kept": cost / (out_f * in_f),
+        width = getattr(result, "widths", {}).get(name.rpartition(".")[0])  # --structure prune/mixed
+        if width is not None:
+            cost = result.cost(name)
+        table[name] = {"rank": rank, **({"width": width} if width is not None else {}),
+                       "shape": [out_f, in_f], "cost": cost, "kept": cost / (out_f * in_f),
                        "estimated_loss": result.allocation.get(name, {}).get("estimated_loss"),
                        "truncation_error": result.errors.get(name)}
     return table

@@ -75,19 +75,34 @@ def int8_flag(model) -> bool:
     return kinds == {Int8LowRankLinear}
 
 
+def _parents_of(model, kind) -> list:
+    """The modules that hold a `kind` submodule directly."""
+    return [m for m in model.modules() if any(isinstance(c, kind) for c in m.children())]
+
+
 def save_model(model, out: Path, tokenizer=None, overwrite: bool = False, report: dict | None = None,
                write_extra=None) -> Path:
     """Save in the vaclm format (safetensors + quantization_config + weights marker) or, with no factors, plainly."""
+    from ..model.pruned import pruned_shapes
     from .hf_quantizer import VaclmConfig
+    from .validate import PRUNED_VERSION
 
+    from ..model.int8_lowrank import Int8Linear, Int8LowRankLinear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()) and not all(
+            isinstance(p, Int8LowRankLinear) for p in _parents_of(model, Int8Linear)):
+        raise VaclmError("the model has run-time int8 dense weights (model.int8_dense.int8_weights), which no folder "
+                         "format holds; save the model before applying them")
     ranks = lowrank_ranks(model)
-    if ranks:
-        model.config.quantization_config = VaclmConfig(ranks=ranks, int8=int8_flag(model))
+    pruned = pruned_shapes(model)  # MLP layers narrowed by --structure prune/mixed
+    if ranks or pruned:
+        model.config.quantization_config = VaclmConfig(ranks=ranks, int8=int8_flag(model), pruned=pruned,
+                                                       **({"version": PRUNED_VERSION} if pruned else {"version": 2}))
     else:
         model.config.__dict__.pop("quantization_config", None)
     with AtomicFolder(out, overwrite) as tmp:
         model.save_pretrained(tmp)
-        if ranks:
+        if ranks or pruned:
             mark_weights(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -12,8 +12,11 @@ from pathlib import Path
 
 from ..errors import VaclmError
 
-# 1: factors and quantization_config only. 2: also the WEIGHTS_MARKER below; both are read.
-FORMAT_VERSION = 2
+# 1: factors and quantization_config only. 2: also the WEIGHTS_MARKER below. 3: also "pruned",
+# {module: [out, in]} of MLP projections narrowed by --structure prune/mixed (written only then,
+# so that an older vaclm refuses such a folder instead of failing on its shapes). All are read.
+FORMAT_VERSION = 3
+PRUNED_VERSION = 3
 
 # Version 2 writes this as config.json's "transformers_weights" (the weights file transformers should
 # read). Where vaclm's quantizer is registered it is removed before any file is looked up, and the
@@ -62,6 +65,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 def check_tensors(qc: dict, meta: dict[str, tuple[list[int], str]], where: str) -> None:
     """Ranks against shapes, and the factors' dtypes (int8 with per-row scales, or float)."""
     check_ranks(qc, {key: shape for key, (shape, _) in meta.items()}, where)
+    check_pruned(qc, {key: shape for key, (shape, _) in meta.items()}, where)
     int8 = qc.get("int8", False)
     if not isinstance(int8, bool):
         raise VaclmError(f"{where}: quantization_config 'int8' is {int8!r}, not true or false; the folder is damaged, re-save it")
@@ -102,6 +106,18 @@ def check_ranks(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
                 f"{where}: {module} has rank {rank!r} in config.json but its tensors have rank {down[0]}/{up[1]}; "
                 "the folder was modified after saving, re-save it"
             )
+
+
+def check_pruned(qc: dict, shapes: dict[str, list[int]], where: str) -> None:
+    """Every narrowed layer's weight has the shape config.json records."""
+    pruned = qc.get("pruned", {})
+    if not isinstance(pruned, dict):
+        raise VaclmError(f"{where}: quantization_config 'pruned' is not a table; the folder is damaged, re-save it")
+    for module, shape in pruned.items():
+        found = shapes.get(f"{module}.weight")
+        if found is None or list(found) != list(shape):
+            raise VaclmError(f"{where}: {module} is pruned to {shape} in config.json but its weight is "
+                             f"{'missing' if found is None else found}; the folder was modified after saving, re-save it")
 
 
 def validate_folder(folder: Path) -> None:

@@ -80,7 +80,8 @@ def gradient_groups(shapes: dict[str, tuple[int, int]], cov: bool, fisher: bool,
 
 def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, device: str,
                    cov: bool, fisher: bool, progress: bool = True,
-                   memory_budget: int = 16 * 2**30, labels: str = "data", seed: int = 0) -> dict[str, GradientStats]:
+                   accumulator_budget: int = 16 * 2**30, labels: str = "data", seed: int = 0,
+                   spill=None) -> dict[str, GradientStats]:
     """Backward passes of the LM loss, one calibration sequence at a time.
 
     `labels`: "data" scores the text's own next tokens (empirical Fisher); "model" scores tokens
@@ -91,11 +92,13 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
     computes only activation gradients, and a tensor hook on each target's output hands
     (x, dL/dy) of that sequence to its accumulator. Memory: the model, one sequence's
     activations, and the accumulators, 8 * (out^2 + out + in) bytes per layer with everything
-    (a 14336-wide MLP projection: 1.6 GB). When all layers' accumulators exceed `memory_budget`,
+    (a 14336-wide MLP projection: 1.6 GB). When all layers' accumulators exceed `accumulator_budget`,
     the layers are split into groups and the calibration set is walked once per group.
+    `spill(group_stats)`, when given, takes each finished group (e.g. to disk) instead of the
+    returned dict holding it, so that host memory holds one group at a time.
     """
     shapes = {name: tuple(dense_weight(m)[0].shape) for name, m in modules.items()}
-    groups = gradient_groups(shapes, cov, fisher, memory_budget)
+    groups = gradient_groups(shapes, cov, fisher, accumulator_budget)
     stats: dict[str, GradientStats] = {}
     for number, group in enumerate(groups, 1):
         part = {n: GradientStats(*shapes[n], cov=cov, fisher=fisher, device=device) for n in group}
@@ -104,6 +107,11 @@ def gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib: torch
         positions = calib.shape[1]
         for name, s in part.items():
             s.fisher_scale = float(positions * (positions - 1 if labels == "data" else positions))
+        if spill is not None:  # straight from the device, a file at a time (host memory stays small)
+            spill(part)
+            part.clear()  # let the device memory go before the next group's accumulators exist
+            continue
+        for s in part.values():
             for field in ("sq_sum", "cov", "fisher_rows", "fisher_cols"):
                 if getattr(s, field) is not None:
                     setattr(s, field, getattr(s, field).cpu())

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..allocate.uniform import kept_fraction
 from .arch import get_submodule, spec_for, target_names
 from .int8_lowrank import Int8LowRankLinear
+from .pruned import full_width, pruned_shapes
 from .surgery import FACTORISED, dense_weight
 
 
@@ -20,6 +21,9 @@ def summarize(model, folder: Path | None = None) -> dict:
             shapes[name], ranks[name] = (module.out_features, module.in_features), module.rank
         else:
             shapes[name], ranks[name] = tuple(dense_weight(module)[0].shape), None
+    # pruned MLP layers (model/pruned.py) count against the dense shape of the config's width
+    pruned = pruned_shapes(model)
+    full = {n: _full_shape(n, s, model.config) if n in pruned else s for n, s in shapes.items()}
     by_type: dict[str, list[int]] = {}
     for name, rank in ranks.items():
         if rank is not None:
@@ -34,8 +38,11 @@ def summarize(model, folder: Path | None = None) -> dict:
         "parameter_bytes": sum(t.numel() * t.element_size() for t in weights),
         "int8": bool(int8),
         "factor_bytes": sum(t.numel() * t.element_size() for t in factors),  # down and up (+ int8 scales)
-        "decoder_linear_dense": sum(o * i for o, i in shapes.values()),
-        "kept_fraction": kept_fraction(shapes, ranks),
+        "decoder_linear_dense": sum(o * i for o, i in full.values()),
+        "kept_fraction": kept_fraction(shapes, ranks) if not pruned else sum(  # a pruned layer's shape is its cost
+            o * i if ranks[n] is None else ranks[n] * (o + i) for n, (o, i) in shapes.items()) / sum(
+            o * i for o, i in full.values()),
+        "pruned_mlps": len({n.rpartition(".")[0] for n in pruned}),
         "factorised": sum(r is not None for r in ranks.values()),
         "targets": len(ranks),
         "ranks": {t: {"min": min(r), "median": statistics.median(r), "max": max(r), "count": len(r)}
@@ -44,6 +51,11 @@ def summarize(model, folder: Path | None = None) -> dict:
     if folder is not None and Path(folder).is_dir():
         info["folder_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     return info
+
+
+def _full_shape(name: str, shape: tuple[int, int], config) -> tuple[int, int]:
+    width = full_width(config)
+    return (shape[0], width) if name.endswith("down_proj") else (width, shape[1])
 
 
 def _factor_tensors(module) -> list:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import VaclmError
+from ..resources import StageLog
 from . import evolve, knapsack  # noqa: F401  (register their allocations)
 from .allocation import ALLOCATIONS, Given, allocation_class, keep_for_target_bytes
+from .elastic import ElasticKnapsack
 from .run import CompressionResult, Run
 
 __all__ = ["ALLOCATIONS", "CompressionResult", "compress_model"]
@@ -24,8 +26,16 @@ def compress_model(model, config, calib, ranks: dict[str, int | None] | None = N
     if ranks is not None and config.allocation == "evolve":
         raise VaclmError("given ranks leave nothing to search; drop them or choose another allocation")
     cls = allocation_class(config.allocation)
-    run = Run(model, config, calib, fitness, device, progress, checkpoint, gradients, workers)
+    run = Run(model, config, calib, fitness, device, progress, checkpoint, gradients, workers, StageLog(device))
     if config.target_bytes is not None:
         run.config = replace(config, keep=keep_for_target_bytes(model, run.targets.shapes, config.target_bytes))
-    allocation = Given(ranks) if ranks is not None else cls()
+    if config.structure != "lowrank":
+        if ranks is not None:
+            raise VaclmError("given ranks cannot say which MLP neurons to prune; drop them or use --structure lowrank")
+        from .structured import compress_structured
+
+        return compress_structured(run)
+    if ranks is not None and config.elastic:
+        raise VaclmError("given ranks leave nothing to order; drop them or drop --elastic")
+    allocation = Given(ranks) if ranks is not None else ElasticKnapsack() if config.elastic else cls()
     return allocation.run(run)

@@ -16,6 +16,7 @@ from ..io.checkpoint import Checkpoint
 from ..methods import Method, build_method
 from ..model.statistics import gradient_stats
 from ..model.surgery import Targets
+from ..resources import StageLog
 
 
 @dataclass
@@ -26,10 +27,25 @@ class CompressionResult:
     errors: dict[str, float] = field(default_factory=dict)  # truncation error at the chosen rank
     allocation: dict[str, dict] = field(default_factory=dict)  # knapsack: cost and estimated loss
     seconds: float = 0.0
+    elastic: object = None  # --elastic: the NestedOrder (allocate/nested.py) every smaller size is a prefix of
+    spare: dict[str, tuple] = field(default_factory=dict)  # --elastic: (up, down) of matrices dense at the top
+    stages: dict[str, dict] = field(default_factory=dict)  # StageLog.to_dict(): seconds and peak memory
+    widths: dict[str, int] = field(default_factory=dict)  # --structure prune/mixed: MLP prefix -> neurons kept
 
     @property
     def kept_fraction(self) -> float:
-        return kept_fraction(self.shapes, self.ranks)
+        if not self.widths:
+            return kept_fraction(self.shapes, self.ranks)
+        return sum(self.cost(n) for n in self.shapes) / sum(o * i for o, i in self.shapes.values())
+
+    def cost(self, name: str) -> int:
+        """Parameters `name` keeps: dense, factorised at its rank, or narrowed by a pruned MLP."""
+        out_f, in_f = self.shapes[name]
+        width = self.widths.get(name.rpartition(".")[0])
+        if width is not None:  # gate/up keep `width` rows, down `width` columns
+            return out_f * width if name.endswith("down_proj") else width * in_f
+        rank = self.ranks[name]
+        return out_f * in_f if rank is None else rank * (out_f + in_f)
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +71,7 @@ class Run:
     checkpoint: Checkpoint | None = None
     given_gradients: dict | None = None
     workers: int | str | None = None
+    stages: StageLog = field(default_factory=StageLog)
 
     @cached_property
     def targets(self) -> Targets:
@@ -64,6 +81,16 @@ class Run:
     def method(self) -> Method:
         return build_method(self.config.method, self.config.options)
 
+    def accumulator_budget(self) -> int:
+        """Bytes the gradient statistics may hold at once (config.memory_budget, else this machine's
+        memory, less what is in use): more than that and the layers are walked in groups."""
+        from ..plan.memory import accumulator_budget
+        from ..plan.shapes import shape_of
+
+        element = next(self.model.parameters()).element_size()
+        return accumulator_budget(shape_of(self.model), self.calib.shape[1], element, self.device,
+                                  self.config.memory_budget)
+
     def gradients(self, needed: bool = True) -> dict:
         """Gradient statistics with what the method needs: given, else the checkpoint's, else
         computed (and saved to the checkpoint). {} when neither the method nor `needed` asks."""
@@ -71,15 +98,21 @@ class Run:
         if not (needed or method.needs_gradients):
             return {}
         for grads in (self.given_gradients, self.checkpoint.gradients() if self.checkpoint else None):
-            if grads and not (method.needs_cov and any(g.cov is None for g in grads.values())) and not (
-                    method.needs_fisher and any(g.fisher_rows is None for g in grads.values())):
+            if grads and not (method.needs_cov and not _holds(grads, "cov")) and not (
+                    method.needs_fisher and not _holds(grads, "fisher_rows")):
                 return grads
-        grads = gradient_stats(self.model.to(self.device), self.targets.modules, self.calib, self.device,
-                               cov=method.needs_cov, fisher=method.needs_fisher, progress=self.progress,
-                               labels=self.config.fisher_labels, seed=self.config.seed)
-        self.model.to("cpu")  # blocks go back to the device one at a time
-        if self.checkpoint:
-            self.checkpoint.save_gradients(grads)
+        # with a checkpoint, each group of layers goes to disk as soon as it is done and the walks
+        # read one layer's statistics at a time: memory holds one group, not every layer's
+        writer = self.checkpoint.gradient_writer() if self.checkpoint else None
+        with self.stages.stage("gradient statistics"):
+            grads = gradient_stats(self.model.to(self.device), self.targets.modules, self.calib, self.device,
+                                   cov=method.needs_cov, fisher=method.needs_fisher, progress=self.progress,
+                                   labels=self.config.fisher_labels, seed=self.config.seed,
+                                   accumulator_budget=self.accumulator_budget(), spill=writer and writer.add)
+            self.model.to("cpu")  # blocks go back to the device one at a time
+            if writer:
+                writer.finish()
+                grads = self.checkpoint.gradients()
         _warn_if_singular(method, grads)
         self.given_gradients = grads
         return grads
@@ -91,12 +124,21 @@ def check_finite(model) -> None:
             raise VaclmError(f"weight {name} contains NaN or Inf; the checkpoint is damaged, re-download or re-convert it")
 
 
+def _holds(grads, field: str) -> bool:
+    """Every layer's statistics include `field` (on disk: from the index, nothing read)."""
+    return grads.has(field) if hasattr(grads, "has") else all(getattr(g, field) is not None for g in grads.values())
+
+
+def _out_dim(grads, name: str) -> int:
+    return grads.shape(name)[0] if hasattr(grads, "shape") else grads[name].out_dim
+
+
 def _warn_if_singular(method, grads: dict) -> None:
     """Fewer calibration tokens than a gradient covariance's width leave it singular: the damping
     alone then decides the weighting (4 x 128 tokens gave PPL 5935 on the demo model)."""
     if not method.needs_cov or not grads:
         return
-    stats = max(grads.values(), key=lambda g: g.out_dim)
+    stats = grads[max(grads, key=lambda n: _out_dim(grads, n))]
     if stats.tokens < 2 * stats.out_dim:
         warnings.warn(f"{stats.tokens} calibration tokens for {stats.out_dim}-wide gradient covariances: "
                       f"{method.name} needs several times more (e.g. --calib-samples 32 --calib-seq-len 512) "

@@ -31,19 +31,33 @@ def compress_with_ranks(run: Run, allocation) -> CompressionResult:
     made, and whatever the checkpoint already holds is reused instead of recomputed.
     """
     start = time.time()
-    model, config, method, targets = run.model, run.config, run.method, run.targets
+    model, config, targets = run.model, run.config, run.targets
     check_finite(model)
     checkpoint = run.checkpoint
     saved_plan = checkpoint.plan() if checkpoint else None
     grads = run.gradients(needed=saved_plan is None and allocation.needs_gradients)
     if saved_plan is not None:
         ranks, table = saved_plan
+        if hasattr(allocation, "restore"):  # --elastic: the order the saved plan was made with
+            allocation.restore(checkpoint)
     else:
-        ranks, table = allocation.ranks(run, grads)
+        with run.stages.stage("allocation"):
+            ranks, table = allocation.ranks(run, grads)
         if checkpoint:
             checkpoint.save_plan(ranks, table)
-    result = CompressionResult(config=config, ranks=dict(ranks), shapes=targets.shapes, allocation=table)
+    result = CompressionResult(config=config, ranks=dict(ranks), shapes=targets.shapes, allocation=table,
+                               elastic=getattr(allocation, "order", None))
 
+    with run.stages.stage("sequential pass"):
+        _walk(run, ranks, grads, result)
+    result.seconds = time.time() - start
+    result.stages = run.stages.to_dict()
+    return result
+
+
+def _walk(run: Run, ranks: dict, grads: dict, result: CompressionResult) -> None:
+    """Factorise block by block in the configured order (one-shot: after a walk of the dense model)."""
+    model, config, method, targets, checkpoint = run.model, run.config, run.method, run.targets, run.checkpoint
     per_block = targets.per_block
     runner = BlockRunner(model, targets.spec, run.calib, config.batch_size, run.device)
     order = block_order(len(per_block), config.order if config.sequential else "front-to-back")
@@ -51,14 +65,15 @@ def compress_with_ranks(run: Run, allocation) -> CompressionResult:
     done = checkpoint.completed if checkpoint else set()
     if checkpoint:
         result.errors.update(checkpoint.state["errors"])
+    spare = result.elastic.spare_ranks() if result.elastic is not None else {}  # --elastic: kept dense here
     deferred = []  # one-shot mode: (block, names, stats) factorised after the dense walk
     for i in tqdm(order, desc=f"compress ({config.method})", disable=not run.progress, unit="block"):
-        todo = [n for n in per_block[i] if ranks[n] is not None]
+        todo = [n for n in per_block[i] if ranks[n] is not None or n in spare]
         pending.discard(i)
         if not todo:
             continue
         if i in done and config.sequential:
-            _apply(model, checkpoint.load_block(i))
+            _apply(model, checkpoint.load_block(i), result)
             runner.block_changed(i, pending)
             continue
         modules = {n: get_submodule(model, n) for n in todo}
@@ -71,26 +86,36 @@ def compress_with_ranks(run: Run, allocation) -> CompressionResult:
             runner.prune(pending)
     for i, todo, inputs in deferred:
         if i in done:
-            _apply(model, checkpoint.load_block(i))
+            _apply(model, checkpoint.load_block(i), result)
         else:
             _factorise_block(run, i, todo, inputs, grads, result)
-    result.seconds = time.time() - start
-    return result
 
 
-def _apply(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+SPARE = "#spare"  # checkpoint key suffix of an --elastic run's spare factors (the module stays dense)
+
+
+def _apply(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], result: CompressionResult) -> None:
     for name, (up, down) in factors.items():
-        replace_with_lowrank(model, name, up, down)
+        if name.endswith(SPARE):
+            result.spare[name.removesuffix(SPARE)] = (up, down)
+        else:
+            replace_with_lowrank(model, name, up, down)
 
 
 def _factorise_block(run: Run, block: int, names: list[str], inputs: dict, grads: dict,
                      result: CompressionResult) -> None:
     """Factorise `names` (block `block`) in place at their ranks; record errors and checkpoint."""
     made, errors = {}, {}
+    spare = result.elastic.spare_ranks() if result.elastic is not None else {}
     for name in names:
         rank = result.ranks[name]
-        weight = dense_weight(get_submodule(run.model, name))[0].detach().to(run.device)
+        dense = dense_weight(get_submodule(run.model, name))[0]
+        weight = dense.detach().to(run.device)
         stats = LayerStats(inputs=inputs.get(name), gradients=grads.get(name))
+        if rank is None:  # --elastic: dense at the top size; factors for the smaller sizes, module unchanged
+            up, down = run.method.factorize(weight, stats, max_rank=spare[name]).at_rank(spare[name])
+            result.spare[name] = made[name + SPARE] = (up.to("cpu", dense.dtype), down.to("cpu", dense.dtype))
+            continue
         factors = run.method.factorize(weight, stats, max_rank=rank)
         module = replace_with_lowrank(run.model, name, *factors.at_rank(rank))
         made[name] = (module.up.weight, module.down.weight)

@@ -70,6 +70,9 @@ class VaclmVllmConfig(QuantizationConfig):
         if config.get("int8"):
             raise VaclmError("vLLM serves vaclm folders with float factors; int8 factors are not supported there: "
                              "serve the folder from before `vaclm export --int8`")
+        if config.get("pruned"):  # vLLM builds every MLP at config.json's intermediate_size
+            raise VaclmError("vLLM cannot serve MLPs pruned to per-layer widths (--structure prune/mixed); serve the "
+                             "folder with transformers, or `vaclm export --gguf` a pure-pruning one for llama.cpp")
         ranks = config.get("ranks")
         if not isinstance(ranks, dict):
             raise VaclmError("quantization_config has no 'ranks' table; the folder is damaged, save it again with vaclm")

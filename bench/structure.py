@@ -1,0 +1,220 @@
+"""--structure prune / mixed against today's low-rank default on the demo model (docs/pruning.md).
+
+    .venv/bin/python bench/structure.py run prune:0.8 prune:0.8:nystrom mixed:0.8 prune:0.6 mixed:0.6
+    .venv/bin/python bench/structure.py report
+    .venv/bin/python bench/structure.py llamacpp /work/runs/issue20/prune-0.8   # needs the gguf-check extra
+
+`run` compresses the demo model with the default calibration (32 x 512 WikiText-2 validation,
+seed 0; mixed runs share one set of gradient covariances per process), saves each folder under
+OUT_ROOT, and records: test PPL (the protocol: first 16 x 1024 of WikiText-2 test), validation
+PPL on 16 x 512 held-out validation windows (validation text not drawn for calibration: what
+choices are made on), the kept fraction and the compression seconds. `report` writes the
+rows (docs/pruning_results.json) as docs/pruning_results.md. `llamacpp` exports the pruned folder
+and the dense demo model to GGUF, quantises both with llama.cpp (Q8_0, Q4_K_M), and measures PPL,
+greedy text and speed through llama.cpp (docs/pruning_llama_cpp.json).
+A third field selects the neuron criterion (fisher: the default; nystrom: MoDeGPT's ridge leverage).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WIKI_TEST, WIKI_VALID, peak_rss_bytes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_ROOT = Path("/work/runs/issue20")
+RESULTS = REPO / "docs" / "pruning_results.json"
+
+
+def validation_ids(tokenizer, config):
+    """16 x 512 windows of the validation text that the calibration draw left out."""
+    from vaclm.api import token_stream
+    from vaclm.data.text import calibration_windows
+
+    ids = token_stream(str(WIKI_VALID), tokenizer, "calibration")
+    _, rest = calibration_windows(ids, config.calib_samples, config.calib_seq_len, config.seed)
+    return rest[:16].flatten()
+
+
+SHARED: dict = {}
+
+
+def covariances(model, config, tokenizer) -> dict:
+    """Output-gradient covariances of every target (what gfwsvd needs), on the default calibration."""
+    import vaclm.api as api
+    from vaclm.model.arch import get_submodule, spec_for, target_names
+    from vaclm.model.statistics import gradient_stats
+
+    ids = api.calibration_ids(str(WIKI_VALID), tokenizer, config)
+    spec = spec_for(model.config.model_type)
+    modules = {n: get_submodule(model, n) for b in target_names(model, spec) for n in b}
+    return gradient_stats(model, modules, ids, "cpu", cov=True, fisher=False, progress=False)
+
+
+def run_one(spec: str) -> dict:
+    import vaclm
+    import vaclm.pipeline.structured as structured
+    from vaclm.config import CompressConfig
+
+    structure, keep, *rest = spec.split(":")
+    criterion = rest[0] if rest else structured.CRITERION
+    structured.CRITERION = criterion
+    model, tokenizer = vaclm.load("demo")
+    config = CompressConfig(keep=float(keep), structure=structure)
+    # mixed: the gfwsvd covariances of every matrix, computed once per process and shared; prune
+    # collects its own (the down projections' only), or takes them from the shared ones
+    grads = None
+    if structure == "mixed" or SHARED:
+        if not SHARED:
+            SHARED.update(covariances(model, config, tokenizer))
+        grads = SHARED if structure == "mixed" else {n: g for n, g in SHARED.items() if n.endswith("down_proj")}
+    start = time.time()
+    result = vaclm.compress(model, config, str(WIKI_VALID), tokenizer=tokenizer, progress=False, gradients=grads)
+    seconds = time.time() - start
+    folder = OUT_ROOT / f"{structure}-{keep}" if criterion == "fisher" else OUT_ROOT / f"{structure}-{keep}-{criterion}"
+    vaclm.save(model, folder, tokenizer, result=result, overwrite=True)
+    val = vaclm.evaluate(model, validation_ids(tokenizer, config), seq_len=512, max_windows=16, progress=False)
+    test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
+    return {"structure": structure, "keep": float(keep), "criterion": criterion, "folder": str(folder),
+            "kept_fraction": result.kept_fraction, "compress_seconds_shared_gradients": seconds,
+            "pruned_mlps": len(result.widths), "factorised": sum(r is not None for r in result.ranks.values()),
+            "val_ppl": val["ppl"], "test_ppl": test["ppl"], "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "measured": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def save_row(row: dict) -> None:
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    key = lambda r: (r["structure"], r["keep"], r.get("criterion"))  # noqa: E731
+    rows = [r for r in rows if key(r) != key(row)] + [row]
+    RESULTS.write_text(json.dumps(rows, indent=2))
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "run":
+        for spec in argv[1:]:
+            row = run_one(spec)
+            print(json.dumps(row), flush=True)
+            save_row(row)
+    elif argv[0] == "report":
+        write_report()
+    elif argv[0] == "llamacpp":
+        report = llama_cpp_check(argv[1])
+        (REPO / "docs" / "pruning_llama_cpp.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+    elif argv[0] == "val":  # validation PPL of existing folders (e.g. the low-rank defaults)
+        import vaclm
+        from vaclm.config import CompressConfig
+
+        for folder in argv[1:]:
+            model, tokenizer = vaclm.load(folder)
+            val = vaclm.evaluate(model, validation_ids(tokenizer, CompressConfig()), seq_len=512, max_windows=16,
+                                 progress=False)
+            print(json.dumps({"folder": folder, "val_ppl": val["ppl"]}), flush=True)
+
+
+def write_report() -> None:
+    rows = json.loads(RESULTS.read_text())
+    lines = ["| structure | keep | criterion | kept fraction | test PPL | validation PPL | compress s (shared gradients) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["keep"], r["structure"], r["criterion"])):
+        lines.append(f"| {r['structure']} | {r['keep']} | {r['criterion']} | {r['kept_fraction']:.4f} | "
+                     f"{r['test_ppl']:.2f} | {r['val_ppl']:.2f} | {r['compress_seconds_shared_gradients']:.0f} |")
+    (REPO / "docs" / "pruning_results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+PROMPTS = ("The history of the city begins", "In mathematics, a prime number is", "The river flows through")
+
+
+def llama_cpp_check(pruned_folder: str, threads: int = 2, repeats: int = 5) -> dict:
+    """The pruned folder and the dense demo model through the real llama.cpp (llama-cpp-python):
+    PPL on the protocol's windows against transformers', greedy text, and speed side by side."""
+    import statistics
+
+    import numpy as np
+    import llama_cpp
+    import torch
+
+    import vaclm
+    from vaclm.io.gguf_export import export_gguf
+
+    files = {}
+    for label, source in (("dense", "demo"), ("pruned", pruned_folder)):
+        f16 = OUT_ROOT / f"{label}-f16.gguf"
+        export_gguf(source, f16, overwrite=True)
+        files[(label, "f16")] = f16
+        for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            out = OUT_ROOT / f"{label}-{name}.gguf"
+            assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) == 0, out
+            files[(label, name)] = out
+    model, tokenizer = vaclm.load(pruned_folder)
+    ids = vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
+    report = {"threads": threads, "files": {f"{a}-{b}": {"path": str(p), "bytes": p.stat().st_size}
+                                            for (a, b), p in files.items()}}
+    report["transformers_ppl"] = {"pruned": vaclm.evaluate(model, ids.flatten(), seq_len=1024, progress=False)["ppl"]}
+    dense, _ = vaclm.load("demo")
+    report["transformers_ppl"]["dense"] = vaclm.evaluate(dense, ids.flatten(), seq_len=1024, progress=False)["ppl"]
+    ppl = {}
+    for key, path in files.items():
+        llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True, verbose=False,
+                              n_threads=threads)
+        nll = 0.0
+        for window in ids.tolist():
+            llm.reset()
+            llm.eval(window)
+            logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+            logits -= logits.max(1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        ppl[f"{key[0]}-{key[1]}"] = float(np.exp(nll / (16 * 1023)))
+        del llm
+    report["llama_cpp_ppl"] = ppl
+    # greedy continuations: transformers (float32) against llama.cpp (the float16 file)
+    # logits_all: without it llama-cpp-python leaves `scores` zero (a greedy loop then emits token 0)
+    llm = llama_cpp.Llama(str(files[("pruned", "f16")]), n_ctx=256, logits_all=True, verbose=False, n_threads=threads)
+    greedy = []
+    for prompt in PROMPTS:
+        tokens = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            hf = model.generate(torch.tensor([tokens]), max_new_tokens=32, do_sample=False)[0, len(tokens):].tolist()
+        llm.reset()
+        llm.eval(tokens)
+        ours = []
+        for _ in range(32):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            ours.append(token)
+            llm.eval([token])
+        greedy.append({"prompt": prompt, "identical": hf == ours, "transformers": tokenizer.decode(hf),
+                       "llama_cpp": tokenizer.decode(ours)})
+    report["greedy"] = greedy
+    del llm
+    # speed: prompt processing of 512 tokens and generation of 64, every file in turn, `repeats` rounds
+    prompt = ids[0, :512].tolist()
+    models = {f"{a}-{b}": llama_cpp.Llama(str(p), n_ctx=1024, n_batch=512, verbose=False, n_threads=threads)
+              for (a, b), p in files.items() if b in ("f16", "q8_0")}
+    times = {k: {"pp": [], "tg": []} for k in models}
+    for _ in range(repeats):
+        for key, llm in models.items():
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prompt)
+            times[key]["pp"].append(len(prompt) / (time.perf_counter() - start))
+            start = time.perf_counter()
+            for k in range(64):  # the text's next tokens: which tokens are fed does not change the time
+                llm.eval([int(ids[0, 512 + k])])
+            times[key]["tg"].append(64 / (time.perf_counter() - start))
+    report["tokens_per_second"] = {k: {m: statistics.median(v[m]) for m in v} for k, v in times.items()}
+    report["speedup"] = {q: {m: report["tokens_per_second"][f"pruned-{q}"][m] / report["tokens_per_second"][f"dense-{q}"][m]
+                             for m in ("pp", "tg")} for q in ("f16", "q8_0")}
+    report["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
