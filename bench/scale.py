@@ -82,8 +82,36 @@ def worker(shape: str, blocks: int, budget: str | None) -> dict:
         "stages": {name: {**m, "planned_seconds": planned[name].seconds,
                           "planned_peak_host_bytes": planned[name].peak_host_bytes}
                    for name, m in measured.items() if name in planned},
-        "gradient_groups_planned": plan.gradient_groups, "throughput": throughput.to_dict(),
+        "gradient_groups_planned": plan.gradient_groups, "throughput": throughput.to_dict(), "base_bytes": base,
     }
+
+
+def replan(row: dict) -> dict:
+    """The row's planned figures from the current plan code, with the throughput its run measured."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from vaclm.config import CompressConfig
+    from vaclm.options import parse_size
+    from vaclm.plan.estimate import plan_compression
+    from vaclm.plan.shapes import shape_of
+    from vaclm.plan.throughput import Throughput
+
+    spec = {k: v for k, v in SHAPES[row["shape"]].items() if k != "full_blocks"}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**spec, num_hidden_layers=row["blocks"]))
+    shape = shape_of(model)
+    config = CompressConfig(keep=0.8, calib_samples=SAMPLES, calib_seq_len=SEQ_LEN,
+                            memory_budget=parse_size(row["memory_budget"]) if row["memory_budget"] else None)
+    base = row.get("base_bytes")
+    if base is None:  # rows written before base_bytes was kept: the plan's save peak is base + weights after
+        after = shape.parameters * 4 - int((shape.target_parameters - config.keep * shape.target_parameters) * 4)
+        base = row["stages"]["save"]["planned_peak_host_bytes"] - after
+    plan = plan_compression(shape, config, Throughput(**row["throughput"]), "cpu", base_bytes=base)
+    for stage in plan.stages:
+        if stage.name in row["stages"]:
+            row["stages"][stage.name].update(planned_seconds=stage.seconds, planned_peak_host_bytes=stage.peak_host_bytes)
+    row["gradient_groups_planned"] = plan.gradient_groups
+    return row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -134,8 +162,17 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("SHAPE", "BLOCKS", "BUDGET"), help=argparse.SUPPRESS)
     parser.add_argument("--only", default=None, help="comma-separated shapes to run (default: all); rows of other "
                                                      "runs already in the .json stay")
+    parser.add_argument("--replan", action="store_true", help="recompute the planned figures of the rows in the "
+                                                                   ".json (after a change to the plan), run nothing")
     parser.add_argument("--out", default=str(REPO / "docs" / "scale_sweep"), help="path prefix of the .json/.md/.png")
     args = parser.parse_args()
+    if args.replan:  # the plan's figures again from the measured throughput, nothing run
+        out = Path(args.out)
+        rows = [replan(r) for r in json.loads(out.with_suffix(".json").read_text())]
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        out.with_suffix(".md").write_text(markdown(rows))
+        plot(rows, out.with_suffix(".png"))
+        return
     if args.worker:
         shape, blocks, budget = args.worker
         print(json.dumps(worker(shape, int(blocks), None if budget == "-" else budget)))
