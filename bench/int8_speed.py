@@ -1,8 +1,8 @@
 """CPU speed of compressed demo models, float and int8, against the dense model, float and int8.
 
-    .venv/bin/python bench/int8_speed.py                  # /work/runs/keep{0.9,0.8,0.7,0.6,0.5}, 1 and 2 threads
-    .venv/bin/python bench/int8_speed.py --folders /work/runs/keep0.6 --threads 1,2 --merge
-    .venv/bin/python bench/int8_speed.py --ppl --folders /work/runs/keep0.6   # PPL, 16 x 1024 test tokens
+    .venv/bin/python bench/int8_speed.py                  # out/keep{0.9,0.8,0.7,0.6,0.5} (vaclm compress demo --keep K), 1 and 2 threads
+    .venv/bin/python bench/int8_speed.py --folders out/keep0.6 --threads 1,2 --merge
+    .venv/bin/python bench/int8_speed.py --ppl --folders out/keep0.6   # PPL, 16 x 1024 test tokens
 
 Each (folder, threads) runs in a fresh process that measures four configurations in one
 interleaved run (vaclm.eval.speed.benchmark with int8_baseline): the dense demo model, the dense
@@ -57,7 +57,7 @@ def worker(folder: str, threads: int, reps: int, new_tokens: int, ppl: bool) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--folders", nargs="*", default=[f"/work/runs/keep{k}" for k in KEEPS])
+    p.add_argument("--folders", nargs="*", default=[f"out/keep{k}" for k in KEEPS])
     p.add_argument("--worker", nargs="+")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=3)
