@@ -238,14 +238,11 @@ def cmd_plan(args) -> dict:
     from .plan import make_plan
     from .plan.estimate import gib, verdict
 
-    from .io.loading import resolve_dtype
-
     check_inputs(args)
     # a plan may be for a GPU that is not in this machine (memory only, then)
     device = args.device if args.device.startswith("cuda") else compute_device(args)[0]
-    dtype = str(resolve_dtype(args.dtype, device)).replace("torch.", "")
-    plan = make_plan(args.model, compress_config(args), device, dtype)
-    say(args, f"plan: compress {args.model} on {device} in {dtype} (estimates; nothing is loaded)")
+    plan = make_plan(args.model, compress_config(args), device, args.dtype)
+    say(args, f"plan: compress {args.model} on {device} in {plan.dtype} (estimates; nothing is loaded)")
     say(args, f"  {'stage':22s} {'peak host':>10s} {'peak GPU':>10s} {'time':>9s}")
     for s in plan.stages:
         gpu = gib(s.peak_device_bytes) if plan.device_limit else "-"

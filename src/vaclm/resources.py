@@ -76,14 +76,6 @@ class StageLog:
             if cuda:
                 entry["peak_device_bytes"] = max(entry["peak_device_bytes"], torch.cuda.max_memory_allocated(self.device))
 
-    @property
-    def peak_host_bytes(self) -> int:
-        return max((s["peak_host_bytes"] for s in self.stages.values()), default=0)
-
-    @property
-    def peak_device_bytes(self) -> int:
-        return max((s["peak_device_bytes"] for s in self.stages.values()), default=0)
-
     def to_dict(self) -> dict:
         return {name: {"seconds": round(s["seconds"], 2), "peak_host_bytes": s["peak_host_bytes"],
                        "peak_device_bytes": s["peak_device_bytes"]} for name, s in self.stages.items()}

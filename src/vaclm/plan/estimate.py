@@ -49,6 +49,7 @@ class Plan:
     device_limit: int
     gradient_groups: int
     throughput: Throughput | None
+    dtype: str = "float32"
     advice: str = ""
     assumptions: list[str] = field(default_factory=list)
 
@@ -170,7 +171,8 @@ def plan_compression(shape: ModelShape, config: CompressConfig, throughput: Thro
     if throughput is None:
         for stage in stages:
             stage.seconds = None
-    plan = Plan(model, str(device), stages, host_limit, device_limit, groups, throughput)
+    plan = Plan(model, str(device), stages, host_limit, device_limit, groups, throughput,
+                dtype=str(dtype).replace("torch.", ""))
     plan.assumptions = [
         f"{config.calib_samples} x {config.calib_seq_len} calibration tokens, {config.method} + {config.allocation}, "
         f"keep {config.keep}, weights in {str(dtype).replace('torch.', '')}",

@@ -32,12 +32,6 @@ class ModelShape:
     def target_parameters(self) -> int:
         return sum(o * i for o, i in self.targets.values())
 
-    def block_parameters(self, ranks: dict[str, int | None] | None = None) -> int:
-        """Parameters of one average block's targets (factorised at `ranks` where given)."""
-        ranks = ranks or {}
-        total = sum(o * i if ranks.get(n) is None else ranks[n] * (o + i) for n, (o, i) in self.targets.items())
-        return total // max(self.blocks, 1)
-
 
 def read_config(source: str):
     """The transformers config of `source` without reading weights."""
