@@ -1,12 +1,12 @@
 """--structure prune / mixed against today's low-rank default on the demo model (docs/pruning.md).
 
-    .venv/bin/python bench/structure.py run prune:0.8 prune:0.8:nystrom mixed:0.8 prune:0.6 mixed:0.6
+    .venv/bin/python bench/structure.py run WORK prune:0.8 prune:0.8:nystrom mixed:0.8 prune:0.6 mixed:0.6
     .venv/bin/python bench/structure.py report
-    .venv/bin/python bench/structure.py llamacpp /work/runs/issue20/prune-0.8   # needs the gguf-check extra
+    .venv/bin/python bench/structure.py llamacpp WORK WORK/prune-0.8   # needs the gguf-check extra
 
 `run` compresses the demo model with the default calibration (32 x 512 WikiText-2 validation,
 seed 0; mixed runs share one set of gradient covariances per process), saves each folder under
-OUT_ROOT, and records: test PPL (the protocol: first 16 x 1024 of WikiText-2 test), validation
+WORK (a scratch folder outside the repository: each is hundreds of MB), and records: test PPL (the protocol: first 16 x 1024 of WikiText-2 test), validation
 PPL on 16 x 512 held-out validation windows (validation text not drawn for calibration: what
 choices are made on), the kept fraction and the compression seconds. `report` writes the
 rows (docs/pruning_results.json) as docs/pruning_results.md. `llamacpp` exports the pruned folder
@@ -18,6 +18,7 @@ A third field selects the neuron criterion (fisher: the default; nystrom: MoDeGP
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WIKI_TEST, WIKI_VALID, peak_rss_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-OUT_ROOT = Path("/work/runs/issue20")
 RESULTS = REPO / "docs" / "pruning_results.json"
+LLAMA_CPP = REPO / "docs" / "pruning_llama_cpp.json"
 
 
 def validation_ids(tokenizer, config):
@@ -55,7 +56,7 @@ def covariances(model, config, tokenizer) -> dict:
     return gradient_stats(model, modules, ids, "cpu", cov=True, fisher=False, progress=False)
 
 
-def run_one(spec: str) -> dict:
+def run_one(spec: str, work: Path) -> dict:
     import vaclm
     import vaclm.pipeline.structured as structured
     from vaclm.config import CompressConfig
@@ -75,7 +76,7 @@ def run_one(spec: str) -> dict:
     start = time.time()
     result = vaclm.compress(model, config, str(WIKI_VALID), tokenizer=tokenizer, progress=False, gradients=grads)
     seconds = time.time() - start
-    folder = OUT_ROOT / f"{structure}-{keep}" if criterion == "fisher" else OUT_ROOT / f"{structure}-{keep}-{criterion}"
+    folder = work / f"{structure}-{keep}" if criterion == "fisher" else work / f"{structure}-{keep}-{criterion}"
     vaclm.save(model, folder, tokenizer, result=result, overwrite=True)
     val = vaclm.evaluate(model, validation_ids(tokenizer, config), seq_len=512, max_windows=16, progress=False)
     test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
@@ -95,17 +96,49 @@ def save_row(row: dict) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[0] == "run":
-        for spec in argv[1:]:
-            row = run_one(spec)
+        for spec in argv[2:]:
+            row = run_one(spec, Path(argv[1]))
             print(json.dumps(row), flush=True)
             save_row(row)
     elif argv[0] == "report":
         write_report()
     elif argv[0] == "llamacpp":
-        report = llama_cpp_check(argv[1])
-        (REPO / "docs" / "pruning_llama_cpp.json").write_text(json.dumps(report, indent=2))
+        report = llama_cpp_check(Path(argv[1]), argv[2])
+        LLAMA_CPP.write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
-    elif argv[0] == "val":  # validation PPL of existing folders (e.g. the low-rank defaults)
+    elif argv[0] == "llamacpp-speed":  # the speed part again on the files `llamacpp` wrote (a quiet machine)
+        import llama_cpp
+
+        import vaclm
+
+        work = Path(argv[1])
+        report = json.loads(LLAMA_CPP.read_text())
+        files = {tuple(k.split("-", 1)): work / v["file"] for k, v in report["files"].items()}
+        _, tokenizer = vaclm.load("demo")
+        ids = vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
+        report.update(llama_cpp_speed(llama_cpp, files, ids, report["threads"], repeats=int(argv[2]) if argv[2:] else 5))
+        LLAMA_CPP.write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: report[k] for k in ("tokens_per_second", "speedup")}, indent=2))
+    elif argv[0] == "speed":  # speed FOLDER...: every folder and the dense model in one interleaved run
+        import torch
+
+        import vaclm
+        from vaclm.eval.speed import BenchSettings, benchmark_models
+
+        torch.set_num_threads(2)
+        models = {"dense": vaclm.load("demo")[0]}
+        models.update({Path(f).name: vaclm.load(f)[0] for f in argv[1:]})
+        settings = BenchSettings(prefill_lens=(512,), decode_batches=(1,), new_tokens=32, reps=3)
+        pairs = [(name, "dense", f"{name}:", "") for name in models if name != "dense"]
+        result = benchmark_models(models, settings, progress=False, pairs=pairs)
+        rows = {name: {k: v for k, v in result.items() if k.startswith(f"{name}:")} for name in models if name != "dense"}
+        out = {"threads": 2, "settings": "prefill 512, decode batch 1 (32 steps), 3 repetitions, wall-time medians",
+               "load_average": result["load_average"], "speedups": rows,
+               "tokens_per_second": {n: {"prefill_512": result[n]["prefill_tokens_per_s"]["512"],
+                                         "decode_b1": result[n]["decode_tokens_per_s"]["1"]} for n in models}}
+        (REPO / "docs" / "pruning_speed.json").write_text(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
+    elif argv[0] == "val":  # rows for existing folders (the low-rank defaults: `vaclm compress demo --keep K`)
         import vaclm
         from vaclm.config import CompressConfig
 
@@ -113,7 +146,13 @@ def main(argv: list[str]) -> None:
             model, tokenizer = vaclm.load(folder)
             val = vaclm.evaluate(model, validation_ids(tokenizer, CompressConfig()), seq_len=512, max_windows=16,
                                  progress=False)
-            print(json.dumps({"folder": folder, "val_ppl": val["ppl"]}), flush=True)
+            test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
+            report = json.loads((Path(folder) / "vaclm_report.json").read_text())
+            row = {"structure": "lowrank", "keep": report["config"]["keep"], "criterion": "-", "folder": Path(folder).name,
+                   "kept_fraction": report["kept_fraction"], "compress_seconds_shared_gradients": None,
+                   "val_ppl": val["ppl"], "test_ppl": test["ppl"]}
+            print(json.dumps(row), flush=True)
+            save_row(row)
 
 
 def write_report() -> None:
@@ -121,8 +160,9 @@ def write_report() -> None:
     lines = ["| structure | keep | criterion | kept fraction | test PPL | validation PPL | compress s (shared gradients) |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["keep"], r["structure"], r["criterion"])):
+        seconds = r["compress_seconds_shared_gradients"]
         lines.append(f"| {r['structure']} | {r['keep']} | {r['criterion']} | {r['kept_fraction']:.4f} | "
-                     f"{r['test_ppl']:.2f} | {r['val_ppl']:.2f} | {r['compress_seconds_shared_gradients']:.0f} |")
+                     f"{r['test_ppl']:.2f} | {r['val_ppl']:.2f} | {'–' if seconds is None else f'{seconds:.0f}'} |")
     (REPO / "docs" / "pruning_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -130,11 +170,9 @@ def write_report() -> None:
 PROMPTS = ("The history of the city begins", "In mathematics, a prime number is", "The river flows through")
 
 
-def llama_cpp_check(pruned_folder: str, threads: int = 2, repeats: int = 5) -> dict:
+def llama_cpp_check(work: Path, pruned_folder: str, threads: int = 2, repeats: int = 5) -> dict:
     """The pruned folder and the dense demo model through the real llama.cpp (llama-cpp-python):
     PPL on the protocol's windows against transformers', greedy text, and speed side by side."""
-    import statistics
-
     import numpy as np
     import llama_cpp
     import torch
@@ -144,18 +182,18 @@ def llama_cpp_check(pruned_folder: str, threads: int = 2, repeats: int = 5) -> d
 
     files = {}
     for label, source in (("dense", "demo"), ("pruned", pruned_folder)):
-        f16 = OUT_ROOT / f"{label}-f16.gguf"
+        f16 = work / f"{label}-f16.gguf"
         export_gguf(source, f16, overwrite=True)
         files[(label, "f16")] = f16
         for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = ftype
-            out = OUT_ROOT / f"{label}-{name}.gguf"
+            out = work / f"{label}-{name}.gguf"
             assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) == 0, out
             files[(label, name)] = out
     model, tokenizer = vaclm.load(pruned_folder)
     ids = vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
-    report = {"threads": threads, "files": {f"{a}-{b}": {"path": str(p), "bytes": p.stat().st_size}
+    report = {"threads": threads, "files": {f"{a}-{b}": {"file": p.name, "bytes": p.stat().st_size}
                                             for (a, b), p in files.items()}}
     report["transformers_ppl"] = {"pruned": vaclm.evaluate(model, ids.flatten(), seq_len=1024, progress=False)["ppl"]}
     dense, _ = vaclm.load("demo")
@@ -194,7 +232,15 @@ def llama_cpp_check(pruned_folder: str, threads: int = 2, repeats: int = 5) -> d
                        "llama_cpp": tokenizer.decode(ours)})
     report["greedy"] = greedy
     del llm
-    # speed: prompt processing of 512 tokens and generation of 64, every file in turn, `repeats` rounds
+    report.update(llama_cpp_speed(llama_cpp, files, ids, threads, repeats))
+    return report
+
+
+def llama_cpp_speed(llama_cpp, files: dict, ids, threads: int, repeats: int) -> dict:
+    """Prompt processing of 512 tokens and generation of 64, every file in turn, `repeats` rounds:
+    tokens/s medians and the pruned model's ratio to the dense one at each quantisation."""
+    import statistics
+
     prompt = ids[0, :512].tolist()
     models = {f"{a}-{b}": llama_cpp.Llama(str(p), n_ctx=1024, n_batch=512, verbose=False, n_threads=threads)
               for (a, b), p in files.items() if b in ("f16", "q8_0")}
@@ -209,11 +255,9 @@ def llama_cpp_check(pruned_folder: str, threads: int = 2, repeats: int = 5) -> d
             for k in range(64):  # the text's next tokens: which tokens are fed does not change the time
                 llm.eval([int(ids[0, 512 + k])])
             times[key]["tg"].append(64 / (time.perf_counter() - start))
-    report["tokens_per_second"] = {k: {m: statistics.median(v[m]) for m in v} for k, v in times.items()}
-    report["speedup"] = {q: {m: report["tokens_per_second"][f"pruned-{q}"][m] / report["tokens_per_second"][f"dense-{q}"][m]
-                             for m in ("pp", "tg")} for q in ("f16", "q8_0")}
-    report["measured"] = time.strftime("%Y-%m-%d %H:%M")
-    return report
+    tps = {k: {m: statistics.median(v[m]) for m in v} for k, v in times.items()}
+    return {"tokens_per_second": tps, "repeats": repeats, "load_average": os.getloadavg()[0],
+            "speedup": {q: {m: tps[f"pruned-{q}"][m] / tps[f"dense-{q}"][m] for m in ("pp", "tg")} for q in ("f16", "q8_0")}}
 
 
 if __name__ == "__main__":

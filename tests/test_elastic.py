@@ -115,6 +115,7 @@ def _reference(folder, keep):
             if part == "bias":
                 want[f"{name}.up.bias"] = t
             for k, v in source.items():
+                v = v if v.dtype == torch.int8 else v.to(t.dtype)  # float spares are stored in float16
                 want[k] = v[: ranks[name]] if ".down." in k else v[:, : ranks[name]] if k.endswith("up.weight") else v
         else:
             r = ranks[name]
@@ -143,6 +144,10 @@ def test_resize_equals_slicing_and_meets_every_budget(elastic, tmp_path):
         assert not (tmp_path / f"k{keep}" / ELASTIC_DIR).exists()
         grew += sum(r is not None and result.ranks[n] is None for n, r in ranks.items())
     assert grew > 0  # matrices dense at the top size were factorised from their spare factors
+    spare = load_file(str(folder / ELASTIC_DIR / SPARE_FILE))
+    int8 = any(k.endswith("_scale") for k in spare)
+    want = {torch.int8, torch.float32} if int8 else {torch.float16}  # float32 spares are stored in half the bytes
+    assert {v.dtype for v in spare.values()} == want
     assert order.min_keep < KEEPS[-1]
 
 
@@ -241,3 +246,27 @@ def test_an_interrupted_elastic_run_resumes_to_the_same_model_and_spares(compres
     assert all(torch.equal(resumed.spare[n][i], result.spare[n][i]) for n in result.spare for i in (0, 1))
     a, b = again.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_resized_folder_holds_what_a_compress_at_its_ranks_saves(elastic, tmp_path):
+    """What transformers and the vLLM plugin read (tensor names, shapes, dtypes; quantization_config)
+    is that of an ordinary folder: a fresh compression at the resized ranks, saved."""
+    from safetensors import safe_open
+
+    folder, _, top_model = elastic
+    resize_folder(folder, 0.55, tmp_path / "small")
+    small = json.loads((tmp_path / "small" / "config.json").read_text())["quantization_config"]
+    other = tiny_model("llama")
+    ranks = {n: small["ranks"].get(n) for n in read_order(folder).shapes}  # None: dense
+    vaclm.compress(other, CompressConfig(**CONFIG), token_batch(8, 32), ranks=ranks, progress=False)
+    if any(k.endswith("_scale") for k in top_model.state_dict()):
+        other = vaclm.quantize_int8(other)
+    vaclm.save(other, tmp_path / "fresh")
+
+    def meta(path):
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    assert meta(tmp_path / "small") == meta(tmp_path / "fresh")
+    fresh = json.loads((tmp_path / "fresh" / "config.json").read_text())["quantization_config"]
+    assert small == fresh

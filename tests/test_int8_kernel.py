@@ -48,7 +48,7 @@ def test_kernel_computes_the_dequantised_products(tokens):
 def test_kernel_chosen_for_cpu_inference_and_reference_elsewhere(monkeypatch):
     calls = []
     real = mod.bf16_int8_matmul
-    monkeypatch.setattr(mod, "bf16_int8_matmul", lambda x, q, s: calls.append(tuple(x.shape)) or real(x, q, s))
+    monkeypatch.setattr(mod, "bf16_int8_matmul", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
     m = layer()
     x = torch.randn(3, 72)
     exact = lambda x_: x_ @ m.dequantized(x_.dtype).T + m.bias.to(x_.dtype)  # noqa: E731
@@ -163,3 +163,38 @@ def test_weights_read_per_token_counts_tied_and_untied_heads():
     head = model.get_output_embeddings()
     assert weights_read_per_token(model) < total
     assert weights_read_per_token(model) >= head.weight.numel() + head.weight_scale.numel() * 4
+
+
+def test_unit_up_columns_keep_the_product_and_cut_the_int8_error():
+    """A factorisation with the singular values in `up` (columns spread 30x): balancing moves each
+    column's norm into `down`, the product stays (float32 rounding), and the int8 product's error on
+    inputs along the small components (which per-row scales of `up` crushed) more than halves."""
+    from vaclm.linalg.balance import unit_up_columns
+    from vaclm.model.int8_lowrank import dequantize_rows, quantize_rows
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(96, 32))
+    v, _ = torch.linalg.qr(torch.randn(80, 32))
+    up, down = u * torch.logspace(1.5, 0, 32), v.T.contiguous()  # up: 96 x 32, down: 32 x 80
+    b_up, b_down = unit_up_columns(up, down)
+    torch.testing.assert_close(b_up @ b_down, up @ down, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_up.norm(dim=0), torch.ones(32), rtol=1e-5, atol=1e-5)
+    x = v[:, 16:] @ torch.randn(16, 50)  # inputs along the 16 smallest components
+    int8_out = lambda a, b: dequantize_rows(*quantize_rows(a)) @ (dequantize_rows(*quantize_rows(b)) @ x)  # noqa: E731
+    exact = up @ (down @ x)
+    assert rel_err(int8_out(b_up, b_down), exact) < 0.5 * rel_err(int8_out(up, down), exact)  # measured 0.43x
+    m = Int8LowRankLinear.from_lowrank(LowRankLinear(80, 96, 32, bias=False))
+    assert m.up.dequantized().norm(dim=0).sub(1).abs().max() < 0.02  # from_lowrank balances
+
+
+@needs_kernel
+def test_many_tokens_apply_the_scale_in_float32():
+    """Prefill (> 16 tokens): the bfloat16 GEMM's output is rounded once; the scale is applied in float32."""
+    m = layer(bias=False)
+    x = torch.randn(40, 72)
+    with torch.no_grad():
+        y = m(x)
+        q_padded = m.operand()[0]  # the kernel's zero-padded copy: the same GEMM, the same rounding
+        gemm = torch.nn.functional.linear(torch.nn.functional.pad(x.bfloat16(), (0, 8)), q_padded.bfloat16())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, gemm.float() * m.weight_scale, rtol=1e-6, atol=1e-6)

@@ -133,3 +133,37 @@ def test_decode_passes_the_cache_the_supported_way():
         warnings.simplefilter("always")
         decode_seconds(model, token_batch(1, 4), 2)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_compiled_decode_follows_the_eager_greedy_path():
+    """--compile: the compiled step with a static cache picks the tokens the eager step picks, with the same logits."""
+    from vaclm.eval.speed import compiled_step, static_cache
+
+    model = tiny_model("llama")
+    prompt = token_batch(1, 6)
+    step = compiled_step(model)
+    with torch.inference_mode():
+        eager = model(input_ids=prompt, use_cache=True)
+        static = last_logits(model, prompt, use_cache=True, cache=static_cache(model, 10))
+        past_e, past_s = eager.cache, static.cache
+        token = eager.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            e = model(input_ids=token, use_cache=True, cache=past_e)
+            s = step(input_ids=token, use_cache=True, cache=past_s)
+            torch.testing.assert_close(s.logits[:, -1], e.logits[:, -1], rtol=1e-4, atol=1e-4)
+            past_e, past_s, token = e.cache, s.cache, e.logits[:, -1:].argmax(-1)
+
+
+@pytest.mark.slow
+def test_bench_compile_marks_compiled_configurations_and_times_the_warmup():
+    from vaclm.model.int8_dense import int8_weights
+
+    small = tiny_model("llama")
+    quantised = tiny_model("llama")
+    int8_weights(quantised)  # the int8 kernel path must trace too
+    settings = BenchSettings(prefill_lens=(24,), decode_batches=(1,), prompt_len=5, new_tokens=3, reps=1, compile=True)
+    res = benchmark(quantised, small, settings=settings, progress=False)
+    assert res["compile"] is True and res["model"]["compiled"] and res["baseline"]["compiled"]
+    assert res["model"]["decode_tokens_per_s"]["1"] > 0 and res["decode_speedup"] > 0
+    assert res["model"]["warmup_seconds"]["decode_1"] > 0

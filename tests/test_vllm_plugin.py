@@ -47,3 +47,24 @@ def test_dense_only_layers_use_vllms_own_linear():
 def test_unservable_configs_are_refused_with_the_fix(bad, message):
     with pytest.raises(VaclmError, match=message):
         VaclmVllmConfig.from_config(bad)
+
+
+def test_a_resized_elastic_folder_loads_into_vllms_fused_linears(tmp_path):
+    """`vaclm resize` writes an ordinary vaclm folder: vLLM's fused layers load its layer 0 (factors
+    sliced from the top size, spares of matrices dense there) and compute its products."""
+    import vaclm
+    from conftest import tiny_model, token_batch
+    from test_elastic import CONFIG
+    from vaclm.config import CompressConfig
+    from vaclm.io.resize import resize_folder
+
+    model = tiny_model("llama")
+    result = vaclm.compress(model, CompressConfig(elastic=True, **CONFIG), token_batch(8, 32), progress=False)
+    vaclm.save(model, tmp_path / "top", result=result)
+    resize_folder(tmp_path / "top", 0.55, tmp_path / "small")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(HERE / "vllm_layer_check.py"), str(tmp_path / "small")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["loaded"] and all(err < 1e-3 for err in report["errors"].values()), report["errors"]

@@ -3,8 +3,12 @@
 Builds vLLM's own fused Llama linears (QKVParallelLinear, MergedColumnParallelLinear,
 RowParallelLinear) with vaclm's quantization method, loads checkpoint tensors named as vaclm saves
 them through vLLM's Llama weight mapper, and prints the largest error against the dense products
-as JSON. Shards mix low-rank (with bias) and dense, as the knapsack leaves them.
+as JSON. Shards mix low-rank (with bias) and dense, as the knapsack leaves them. With a folder
+argument (a vaclm folder of the tiny test Llama, e.g. a resized elastic one), its layer 0 tensors and
+ranks are loaded instead of random ones.
 """
+
+import sys
 
 import json
 import tempfile
@@ -27,15 +31,28 @@ SHAPES = {"q_proj": (HEADS * HEAD_DIM, H), "k_proj": (KV_HEADS * HEAD_DIM, H), "
           "o_proj": (H, HEADS * HEAD_DIM), "gate_proj": (INTER, H), "up_proj": (INTER, H), "down_proj": (H, INTER)}
 
 
-def main() -> None:
+def folder_layer(folder: str) -> tuple[dict, dict]:
+    """(ranks, tensors) of layer 0 of a saved vaclm folder."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    ranks = config["quantization_config"]["ranks"]
+    tensors = {k: v for k, v in load_file(str(Path(folder) / "model.safetensors")).items() if k.startswith(PREFIX + ".")}
+    return {n: ranks.get(f"{PREFIX}.{n}") for n in RANKS}, tensors
+
+
+def main(folder: str | None = None) -> None:
     torch.manual_seed(0)
+    ranks, saved = folder_layer(folder) if folder else (RANKS, None)
     context = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
     context.__enter__()
     init_distributed_environment(world_size=1, rank=0, local_rank=0,
                                  distributed_init_method=f"file://{tempfile.mktemp()}", backend="gloo")
     initialize_model_parallel(1, 1)
     config = VaclmVllmConfig.from_config({"quant_method": "vaclm", "version": 1, "int8": False,
-                                          "ranks": {f"{PREFIX}.{n}": r for n, r in RANKS.items()}})
+                                          "ranks": {f"{PREFIX}.{n}": r for n, r in ranks.items()}})
     config.packed_modules_mapping.update({"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                           "gate_up_proj": ["gate_proj", "up_proj"]})
     kw = dict(bias=False, quant_config=config, params_dtype=torch.float32)
@@ -51,10 +68,16 @@ def main() -> None:
     mlp.down_proj = RowParallelLinear(INTER, H, prefix=f"{PREFIX}.mlp.down_proj", **kw)
 
     checkpoint, dense = {}, {}
-    for name, rank in RANKS.items():
+    for name, rank in ranks.items():
         out_f, in_f = SHAPES[name.rsplit(".", 1)[1]]
         full = f"{PREFIX}.{name}"
-        if rank is None:
+        if saved is not None:
+            part = {k[len(full) + 1:]: v for k, v in saved.items() if k.startswith(full + ".")}
+            checkpoint.update({f"{full}.{k}": v for k, v in part.items()})
+            w = part["weight"] if rank is None else part["up.weight"] @ part["down.weight"]
+            b = part.get("bias" if rank is None else "up.bias", torch.zeros(out_f))
+            dense[name] = (w, b)
+        elif rank is None:
             checkpoint[f"{full}.weight"] = w = torch.randn(out_f, in_f)
             dense[name] = (w, torch.zeros(out_f))
         else:
@@ -86,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -7,6 +7,9 @@ Both models run in the same process under the same conditions: warm-up first, th
 that alternate between the two (and swap which goes first every repetition, so slow drift from
 other jobs on the machine hits both alike); medians are reported. On CPU the same ratios are also
 computed from the process's CPU seconds (`cpu_time_speedups`), which other jobs disturb less.
+With `compile`, each model's decode step runs through torch.compile (inductor) with a static KV
+cache, as transformers' `generate` runs it with `cache_implementation="static"`; the prompt's
+prefill stays eager (as in `generate`), and the compile happens in the untimed warm-up.
 Peak memory: the weights' bytes, and the rise above them during the timed runs (CUDA: max
 allocated; CPU: resident memory, the kernel's high-water mark reset before each run through
 /proc/self/clear_refs): activations and KV cache.
@@ -39,6 +42,9 @@ class BenchSettings:
     int8_baseline: bool = option(False, "also measure the dense baseline and this model with int8 weights in every "
                                         "decoder linear and the lm_head, through the same int8 kernel (CPU: PyTorch's "
                                         "prepacked int8 GEMM), and the ratio between those two")
+    compile: bool = option(False, "decode steps through torch.compile (inductor) with a static KV cache, as "
+                                  "transformers' generate with cache_implementation='static'; compile time is spent "
+                                  "in the untimed warm-up (warmup_seconds), prefill stays eager")
 
     def check(self) -> None:
         if self.reps < 1 or self.new_tokens < 1 or self.prompt_len < 1:
@@ -85,16 +91,35 @@ def prefill_seconds(model, ids: torch.Tensor) -> Timer:
     return timer
 
 
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> Timer:
-    """Prefill the prompt (untimed), then time `new_tokens` single-token steps with the KV cache."""
-    out = last_logits(model, prompt, use_cache=True)
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, step=None) -> Timer:
+    """Prefill the prompt (untimed), then time `new_tokens` single-token steps with the KV cache.
+    `step`: a compiled decode step (compiled_step()): then the cache is a static one, as it needs."""
     name = cache_argument(model)
+    cache = {name: static_cache(model, prompt.shape[1] + new_tokens)} if step is not None else {}
+    out = last_logits(model, prompt, use_cache=True, **cache)
     past, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+    step = step or model
     with Timer(prompt.device) as timer:
         for _ in range(new_tokens):
-            out = model(input_ids=token, use_cache=True, **{name: past})
+            out = step(input_ids=token, use_cache=True, **{name: past})
             past, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     return timer
+
+
+def static_cache(model, max_len: int):
+    """A preallocated KV cache: a compiled step sees the same shapes every token (no recompiles)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def compiled_step(model):
+    """The model's __call__ through torch.compile (inductor, static shapes): what transformers'
+    generate compiles for decode (get_compiled_call), without CUDA graphs."""
+    if not getattr(model, "_can_compile_fullgraph", False):
+        raise VaclmError(f"--compile: transformers does not support compiling {type(model).__name__} with a static "
+                         "cache; run without --compile")
+    return torch.compile(model.__call__, dynamic=False)
 
 
 def cache_argument(model) -> str:
@@ -200,9 +225,12 @@ def benchmark(model, baseline=None, settings: BenchSettings | None = None, names
 
 
 @torch.inference_mode()
-def benchmark_models(models: dict, settings: BenchSettings, progress: bool = True, pairs=PAIRS) -> dict:
+def benchmark_models(models: dict, settings: BenchSettings, progress: bool = True, pairs=PAIRS,
+                     compiled: set[str] | None = None) -> dict:
     """Every model in `models` measured in one interleaved run; `pairs` (model, against, prefix,
-    suffix) name the speedups reported where both are present."""
+    suffix) name the speedups reported where both are present. `compiled`: the names whose decode
+    steps run compiled (default: all with settings.compile, none without); the same model object
+    may appear twice, eager and compiled."""
     settings.check()
     device = next(next(iter(models.values())).parameters()).device
     if any(next(m.parameters()).device != device for m in models.values()):
@@ -211,16 +239,20 @@ def benchmark_models(models: dict, settings: BenchSettings, progress: bool = Tru
     inputs = _inputs(settings, vocab, device)
     jobs = [("prefill", n) for n in settings.prefill_lens] + [("decode", b) for b in settings.decode_batches]
 
-    def run(m, kind, size):
+    compiled = set(models) if compiled is None and settings.compile else set(compiled or ())
+    steps = {name: compiled_step(models[name]) for name in compiled}
+
+    def run(name, kind, size):
         if kind == "prefill":
-            return prefill_seconds(m, inputs["prefill"][size])
-        return decode_seconds(m, inputs["decode"][size], settings.new_tokens)
+            return prefill_seconds(models[name], inputs["prefill"][size])
+        return decode_seconds(models[name], inputs["decode"][size], settings.new_tokens, steps.get(name))
 
     for m in models.values():
         m.eval()
     times = {name: {job: [] for job in jobs} for name in models}
     cpu = {name: {job: [] for job in jobs} for name in models}
     rise = {name: 0 for name in models}
+    warmup = {name: {} for name in models}
     load_start = _load_average()
     total = len(jobs) * len(models) * (settings.reps + 1)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
@@ -229,7 +261,9 @@ def benchmark_models(models: dict, settings: BenchSettings, progress: bool = Tru
             order = _rotated(list(models), rep)
             for name in order:
                 with PeakMemory(device) as mem:
-                    timer = run(models[name], *job)
+                    timer = run(name, *job)
+                if not rep:  # with compile, the first decode warm-up of each batch size compiles
+                    warmup[name][f"{job[0]}_{job[1]}"] = timer.wall
                 if rep:  # the warm-up also pages in memory-mapped weights: not the run's own memory
                     rise[name] = max(rise[name], mem.rise)
                     times[name][job].append(timer.wall)
@@ -251,6 +285,8 @@ def benchmark_models(models: dict, settings: BenchSettings, progress: bool = Tru
             "weights_read_per_token": weights_read_per_token(m),
             "peak_memory_rise_bytes": rise[name],
             "memory_measure": "cuda max allocated" if device.type == "cuda" else "RSS high-water mark",
+            "compiled": name in compiled,
+            "warmup_seconds": warmup[name],
             "prefill_tokens_per_s": {str(n): n / statistics.median(t[("prefill", n)]) for n in settings.prefill_lens},
             "decode_tokens_per_s": {str(b): b * settings.new_tokens / statistics.median(t[("decode", b)])
                                     for b in settings.decode_batches},

@@ -4,7 +4,8 @@ The folder itself is an ordinary vaclm folder at the run's keep (the top size). 
 holds the global order of rank steps (allocate/nested.py) and, for reading, the kept fraction and
 number of steps at a grid of sizes; `elastic/spare.safetensors` holds `name.up.weight` (out x r)
 and `name.down.weight` (r x in) (int8 folders: also their `_scale`s) of every matrix that is dense
-at the top size, at the largest rank a smaller size gives it. A sub-folder, because vLLM and
+at the top size, at the largest rank a smaller size gives it; float32 spares are stored in float16
+(half the bytes of the folder's largest part; resizing casts them back, docs/elastic.md). A sub-folder, because vLLM and
 transformers read every top-level *.safetensors file of a folder without an index as weights.
 """
 
@@ -46,6 +47,7 @@ def write_elastic(folder: Path, order: NestedOrder, spare: dict[str, tuple[torch
     """Write elastic/ into a folder being saved; `spare`: float (up, down) at the ranks order.spare_ranks() gives."""
     from safetensors.torch import save_file
 
+    from ..linalg.balance import unit_up_columns
     from ..model.int8_lowrank import quantize_rows
 
     want = order.spare_ranks()
@@ -53,12 +55,14 @@ def write_elastic(folder: Path, order: NestedOrder, spare: dict[str, tuple[torch
         raise VaclmError("the spare factors do not match the elastic order; re-run `vaclm compress --elastic`")
     tensors = {}
     for name, (up, down) in spare.items():
+        if int8:  # as the top size's factors are quantised (Int8LowRankLinear.from_lowrank); keeps the nesting
+            up, down = unit_up_columns(up, down)
         for factor, t in (("up", up), ("down", down)):
             key = f"{name}.{factor}.weight"
             if int8:
                 tensors[key], tensors[f"{key}_scale"] = quantize_rows(t)
             else:
-                tensors[key] = t.detach()
+                tensors[key] = compact(t.detach())
     target = Path(folder) / ELASTIC_DIR
     target.mkdir()
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(target / SPARE_FILE),
@@ -66,6 +70,15 @@ def write_elastic(folder: Path, order: NestedOrder, spare: dict[str, tuple[torch
     data = {"format": "vaclm-elastic", "version": ELASTIC_VERSION, "int8": int8, "min_keep": order.min_keep,
             "top_kept_fraction": order.top_kept, "spare_ranks": want, "grid": grid(order), "order": order.to_dict()}
     (target / ORDER_FILE).write_text(json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """A float32 spare factor in float16 where its values fit: spares at near-dense ranks would make the
+    folder 1.66x its top-size model in float32 (demo); float16 rounding (2^-11 relative) is far below the
+    truncation error of any rank they are used at."""
+    if t.dtype == torch.float32 and t.numel() and float(t.abs().max()) < torch.finfo(torch.float16).max / 2:
+        return t.to(torch.float16)
+    return t
 
 
 def read_order(folder: Path) -> NestedOrder:

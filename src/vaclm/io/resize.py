@@ -86,10 +86,12 @@ def resize_folder(folder: str | Path, keep: float, out: str | Path, overwrite: b
                         if part == "bias":
                             tensors[f"{name}.up.bias"] = handle.get_tensor(key)
                         else:  # the dense weight gives way to its spare factors, in the same file
+                            dtype = handle.get_slice(key)[:1].dtype  # float spares are stored compact: cast back
                             for sk in (f"{name}.{p}" for p in ("down.weight", "down.weight_scale", "up.weight",
                                                               "up.weight_scale")):
                                 if sk in spare.keys():
-                                    tensors[sk] = slice_factor(sk, ranks[name], spare.get_slice(sk))
+                                    t = slice_factor(sk, ranks[name], spare.get_slice(sk))
+                                    tensors[sk] = t if t.dtype == torch.int8 else t.to(dtype)
                     elif name is not None and top[name] is not None:
                         tensors[key] = slice_factor(key, ranks[name], handle.get_slice(key))
                     else:
