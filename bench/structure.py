@@ -1,6 +1,6 @@
 """--structure prune / mixed against today's low-rank default on the demo model (docs/pruning.md).
 
-    .venv/bin/python bench/structure.py run WORK prune:0.8 prune:0.8:nystrom mixed:0.8 prune:0.6 mixed:0.6
+    .venv/bin/python bench/structure.py run WORK prune:0.8 mixed:0.8 prune:0.6 mixed:0.6
     .venv/bin/python bench/structure.py report
     .venv/bin/python bench/structure.py llamacpp WORK WORK/prune-0.8   # needs the gguf-check extra
 
@@ -12,7 +12,8 @@ choices are made on), the kept fraction and the compression seconds. `report` wr
 rows (docs/pruning_results.json) as docs/pruning_results.md. `llamacpp` exports the pruned folder
 and the dense demo model to GGUF, quantises both with llama.cpp (Q8_0, Q4_K_M), and measures PPL,
 greedy text and speed through llama.cpp (docs/pruning_llama_cpp.json).
-A third field selects the neuron criterion (fisher: the default; nystrom: MoDeGPT's ridge leverage).
+(The neuron criterion comparison in docs/pruning.md ran with a third field selecting MoDeGPT's ridge-
+leverage order, removed since: it measured worse.)
 """
 
 from __future__ import annotations
@@ -58,12 +59,9 @@ def covariances(model, config, tokenizer) -> dict:
 
 def run_one(spec: str, work: Path) -> dict:
     import vaclm
-    import vaclm.pipeline.structured as structured
     from vaclm.config import CompressConfig
 
-    structure, keep, *rest = spec.split(":")
-    criterion = rest[0] if rest else structured.CRITERION
-    structured.CRITERION = criterion
+    structure, keep = spec.split(":")
     model, tokenizer = vaclm.load("demo")
     config = CompressConfig(keep=float(keep), structure=structure)
     # mixed: the gfwsvd covariances of every matrix, computed once per process and shared; prune
@@ -76,11 +74,11 @@ def run_one(spec: str, work: Path) -> dict:
     start = time.time()
     result = vaclm.compress(model, config, str(WIKI_VALID), tokenizer=tokenizer, progress=False, gradients=grads)
     seconds = time.time() - start
-    folder = work / f"{structure}-{keep}" if criterion == "fisher" else work / f"{structure}-{keep}-{criterion}"
+    folder = work / f"{structure}-{keep}"
     vaclm.save(model, folder, tokenizer, result=result, overwrite=True)
     val = vaclm.evaluate(model, validation_ids(tokenizer, config), seq_len=512, max_windows=16, progress=False)
     test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
-    return {"structure": structure, "keep": float(keep), "criterion": criterion, "folder": str(folder),
+    return {"structure": structure, "keep": float(keep), "criterion": "fisher", "folder": folder.name,
             "kept_fraction": result.kept_fraction, "compress_seconds_shared_gradients": seconds,
             "pruned_mlps": len(result.widths), "factorised": sum(r is not None for r in result.ranks.values()),
             "val_ppl": val["ppl"], "test_ppl": test["ppl"], "peak_rss_gb": peak_rss_bytes() / 1e9,

@@ -39,12 +39,11 @@ def test_refit_is_the_least_squares_down_projection():
     assert refit_error(gram, down, cov, kept, damping=0) == pytest.approx(error, rel=1e-9)
 
 
-@pytest.mark.parametrize("criterion", ["fisher", "nystrom"])
-def test_removal_curve_records_each_widths_exact_refit_error(criterion):
+def test_removal_curve_records_each_widths_exact_refit_error():
     from vaclm.prune.neurons import removal_curve
 
     h, down, cov = _data()
-    curve = removal_curve(h.T @ h / len(h), down, cov, step=3, criterion=criterion, damping=0)
+    curve = removal_curve(h.T @ h / len(h), down, cov, step=3, damping=0)
     assert curve.widths == [10, 9, 6, 3, 0]  # the first block takes the remainder: widths stay multiples of 3
     assert sorted(curve.order.tolist()) == list(range(10))
     for width, error in zip(curve.widths[1:-1], curve.errors[1:-1]):

@@ -33,9 +33,6 @@ from .order import block_order
 from .run import CompressionResult, Run, check_finite
 from .sequential import _factorise_block
 
-# measured on held-out validation windows (docs/pruning.md): the Fisher-weighted greedy refit
-# beat MoDeGPT's ridge-leverage (Nystrom) selection
-CRITERION = "fisher"
 DAMPING = 1e-6  # relative ridge on the intermediate Gram: keeps A[S, S] invertible for dead neurons
 
 
@@ -85,7 +82,7 @@ def pruning_curve(run: Run, mlp: GatedMLP, inputs: dict, grads: dict, min_width:
     down = dense_weight(get_submodule(run.model, mlp.down))[0].detach().to(run.device)
     cov = _cov(grads, mlp.down)
     curve = removal_curve(inputs[mlp.down].mean_gram.to(run.device), down, cov, run.config.rank_align,
-                          CRITERION, DAMPING, min_width=min_width)
+                          DAMPING, min_width=min_width)
     stats = LayerStats(inputs=inputs[mlp.down], gradients=grads.get(mlp.down))
     return curve, _unit(run.method, stats, cov is not None)
 

@@ -8,13 +8,11 @@ MLP's output, is the Kronecker-Fisher quadratic form of the change of D, the met
 truncation errors are in: times the same unit (methods/base.py `_fisher_unit`) it estimates the
 loss increase in nats per token, so pruning and low-rank candidates are priced alike.
 
-Two orders of removal (each gives nested kept sets and an exact error for every width):
-- "fisher": greedy backward elimination, Optimal-Brain-Surgeon style. With P = A[S, S]^-1 and the
-  refitted D', removing block J raises the error by tr(B D'_J P_JJ^-1 D'_J^T); the cheapest
-  neurons by the single-neuron estimate (D'_j^T B D'_j / P_jj) go first, then P and D' are
-  updated exactly (block Schur complement), so each width's error is that of its refit.
-- "nystrom": MoDeGPT's ridge-leverage scores of A, diag(A (A + lam I)^-1) with lam the mean
-  diagonal of A: the neurons that best span the activations, blind to the output weights.
+Neurons are removed by greedy backward elimination, Optimal-Brain-Surgeon style. With P = A[S, S]^-1
+and the refitted D', removing block J raises the error by tr(B D'_J P_JJ^-1 D'_J^T); the cheapest
+neurons by the single-neuron estimate (D'_j^T B D'_j / P_jj) go first, then P and D' are updated
+exactly (block Schur complement), so each width's error is that of its refit. (MoDeGPT's
+ridge-leverage order, which sees the activations only, measured worse: docs/pruning.md.)
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-CRITERIA = ("fisher", "nystrom")
 
 
 @dataclass
@@ -43,37 +39,26 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def removal_curve(gram: torch.Tensor, down: torch.Tensor, cov: torch.Tensor | None, step: int,
-                  criterion: str = "fisher", damping: float = 1e-6, min_width: int = 0) -> PruneCurve:
+                  damping: float = 1e-6, min_width: int = 0) -> PruneCurve:
     """Remove neurons `step` at a time (the first block takes the remainder, so widths stay
     multiples of `step`) down to `min_width`, recording the refit error after each block.
 
     gram: m x m input Gram of the down projection (mean over tokens); down: out x m weight;
     cov: out x out gradient covariance at its output, None for the identity.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
     a = damped(gram.double(), damping)
     m = a.shape[0]
     w = down.double().clone()  # the refit D' on the kept neurons (removed columns are zero)
     p = torch.linalg.inv(a)
     b = None if cov is None else cov.double().to(a.device)
-    fixed = None
-    if criterion == "nystrom":
-        lam = float(a.diagonal().mean())
-        leverage = torch.linalg.solve(a + lam * torch.eye(m, dtype=a.dtype, device=a.device), a).diagonal()
-        fixed = leverage.argsort()  # least leverage removed first
     idx = torch.arange(m, device=a.device)  # original indices of the kept neurons; w, p are over them
-    bw = w if b is None else b @ w  # B D', updated with D' (a fresh product per step cost 70x more)
+    bw = w if b is None else b @ w  # B D', updated with D' (a fresh product per step costs 70x the update)
     removed: list[torch.Tensor] = []
     widths, errors, total = [m], [0.0], 0.0
     while len(idx) - step >= min_width and len(idx) > 0:
         count = len(idx) % step or step
-        if fixed is not None:
-            position = {int(v): k for k, v in enumerate(idx)}
-            block = torch.tensor([position[int(v)] for v in fixed[m - len(idx): m - len(idx) + count]], device=a.device)
-        else:
-            single = (w * bw).sum(0) / p.diagonal()
-            block = single.argsort()[:count]
+        single = (w * bw).sum(0) / p.diagonal()
+        block = single.argsort()[:count]
         error, w, bw, p, keep = _remove(w, bw, p, block, b is None)
         total += error
         removed.append(idx[block])
