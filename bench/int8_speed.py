@@ -9,7 +9,7 @@ Each (folder, threads) runs in a fresh process that measures four configurations
 interleaved run (vaclm.eval.speed.benchmark with int8_baseline): the dense demo model, the dense
 model with int8 weights in every decoder linear and the lm_head, the folder's model as saved, and
 the same with int8 weights (its factors, its dense targets and the lm_head: the same treatment).
-Writes bench/results/int8_speed.{json,md} and docs/int8_speed.png (decode and prefill tokens per CPU
+Writes bench/results/int8_speed.{json,md} and docs/int8_speed.png (decode and prefill tokens per
 second against the kept fraction). --ppl instead evaluates the folder float and with int8 weights on the
 evaluation protocol and writes bench/results/int8_ppl.{json,md}. --compile measures the four
 configurations eager and with compiled decode steps (vaclm bench --compile), eight in one
@@ -177,11 +177,10 @@ def render_ppl(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def per_cpu_second(row: dict, config: str, kind: str, key: str) -> float:
-    """Tokens per CPU second of the process (median run): on a shared machine, steadier than per wall second."""
-    seconds = sorted(row[config][f"{kind}_cpu_seconds"][key])
-    tokens = int(key) * (row["new_tokens"] if kind == "decode" else 1)
-    return tokens / seconds[len(seconds) // 2]
+def tokens_per_second(row: dict, config: str, kind: str, key: str) -> float:
+    """Tokens per wall second (median run). Not per CPU second: with OpenMP's default wait policy an
+    idle thread spins, so CPU seconds count the second thread whether it works or not."""
+    return row[config][f"{kind}_tokens_per_s"][key]
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -198,13 +197,13 @@ def plot(rows: list[dict], out: Path) -> None:
         for row, (kind, key, title) in enumerate((("decode", "1", "decode, batch 1"), ("prefill", "512", "prefill, 512 tokens"))):
             ax = axes[row][col]
             for c, style in (("model", "o-"), ("model_int8", "s-")):
-                ax.plot(keep, [per_cpu_second(r, c, kind, key) for r in sel], style, label=LABELS[c])
+                ax.plot(keep, [tokens_per_second(r, c, kind, key) for r in sel], style, label=LABELS[c])
             for c, style in (("baseline", "--"), ("baseline_int8", ":")):  # measured in every row: their median
-                values = sorted(per_cpu_second(r, c, kind, key) for r in sel)
+                values = sorted(tokens_per_second(r, c, kind, key) for r in sel)
                 ax.axhline(values[len(values) // 2], linestyle=style, color="grey" if c == "baseline" else "black",
                            label=LABELS[c])
             ax.set(title=f"{title}, {t} thread{'s' if t > 1 else ''}", xlabel="kept fraction of decoder weights",
-                   ylabel="tokens per CPU second")
+                   ylabel="tokens per second")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, CPU: compressed vs dense,\nfloat32 and int8 weights")
