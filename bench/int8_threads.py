@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS
+from common import write_results
 
 SHAPES = [(240, 576), (576, 240), (1536, 240), (240, 1536), (576, 1536), (1536, 576), (49152, 576)]
 
@@ -70,9 +70,7 @@ def main() -> None:
             r = rows[i]
             lines.append(f"| {shape[0]}x{shape[1]} | {policy} | {r['int8_1']:.0f} us | {r['int8_2']:.0f} us | "
                          f"{r['float32_1']:.0f} us | {r['float32_2']:.0f} us |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "int8_threads.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "int8_threads.md").write_text("\n".join(lines) + "\n")
+    write_results("int8_threads", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

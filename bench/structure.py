@@ -5,7 +5,7 @@
     .venv/bin/python bench/structure.py llamacpp WORK WORK/prune-0.8   # needs the gguf-check extra
 
 `run` compresses the demo model with the default calibration (32 x 512 WikiText-2 validation,
-seed 0; mixed runs share one set of gradient covariances per process), saves each folder under
+seed 0; every run takes the gradient statistics from one cached file, bench/common.py demo_gradients), saves each folder under
 WORK (a scratch folder outside the repository: each is hundreds of MB), and records: test PPL (the protocol: first 16 x 1024 of WikiText-2 test), validation
 PPL on 16 x 512 held-out validation windows (validation text not drawn for calibration: what
 choices are made on), the kept fraction and the compression seconds. `report` writes the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WIKI_TEST, WIKI_VALID, peak_rss_bytes  # noqa: E402
+from common import WIKI_TEST, WIKI_VALID, demo_gradients, peak_rss_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "pruning_results.json"
@@ -42,19 +42,20 @@ def validation_ids(tokenizer, config):
     return rest[:16].flatten()
 
 
-SHARED: dict = {}
+def test_windows(tokenizer):
+    """The protocol's windows: the first 16 x 1024 tokens of WikiText-2 test."""
+    import vaclm
+
+    return vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
 
 
-def covariances(model, config, tokenizer) -> dict:
-    """Output-gradient covariances of every target (what gfwsvd needs), on the default calibration."""
-    import vaclm.api as api
-    from vaclm.model.arch import get_submodule, spec_for, target_names
-    from vaclm.model.statistics import gradient_stats
+def ppls(model, tokenizer, config) -> tuple[float, float]:
+    """(validation PPL, test PPL): what choices are made on, and what is reported."""
+    import vaclm
 
-    ids = api.calibration_ids(str(WIKI_VALID), tokenizer, config)
-    spec = spec_for(model.config.model_type)
-    modules = {n: get_submodule(model, n) for b in target_names(model, spec) for n in b}
-    return gradient_stats(model, modules, ids, "cpu", cov=True, fisher=False, progress=False)
+    val = vaclm.evaluate(model, validation_ids(tokenizer, config), seq_len=512, max_windows=16, progress=False)
+    test = vaclm.evaluate(model, test_windows(tokenizer).flatten(), seq_len=1024, progress=False)
+    return val["ppl"], test["ppl"]
 
 
 def run_one(spec: str, work: Path) -> dict:
@@ -64,24 +65,21 @@ def run_one(spec: str, work: Path) -> dict:
     structure, keep = spec.split(":")
     model, tokenizer = vaclm.load("demo")
     config = CompressConfig(keep=float(keep), structure=structure)
-    # mixed: the gfwsvd covariances of every matrix, computed once per process and shared; prune
-    # collects its own (the down projections' only), or takes them from the shared ones
-    grads = None
-    if structure == "mixed" or SHARED:
-        if not SHARED:
-            SHARED.update(covariances(model, config, tokenizer))
-        grads = SHARED if structure == "mixed" else {n: g for n, g in SHARED.items() if n.endswith("down_proj")}
+    # the gradient statistics of the default calibration, computed once and cached (bench/common.py);
+    # pruning alone needs only the down projections'
+    grads, _ = demo_gradients(model, tokenizer, config)
+    if structure == "prune":
+        grads = {n: g for n, g in grads.items() if n.endswith("down_proj")}
     start = time.time()
     result = vaclm.compress(model, config, str(WIKI_VALID), tokenizer=tokenizer, progress=False, gradients=grads)
     seconds = time.time() - start
     folder = work / f"{structure}-{keep}"
     vaclm.save(model, folder, tokenizer, result=result, overwrite=True)
-    val = vaclm.evaluate(model, validation_ids(tokenizer, config), seq_len=512, max_windows=16, progress=False)
-    test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
+    val, test = ppls(model, tokenizer, config)
     return {"structure": structure, "keep": float(keep), "criterion": "fisher", "folder": folder.name,
             "kept_fraction": result.kept_fraction, "compress_seconds_shared_gradients": seconds,
             "pruned_mlps": len(result.widths), "factorised": sum(r is not None for r in result.ranks.values()),
-            "val_ppl": val["ppl"], "test_ppl": test["ppl"], "peak_rss_gb": peak_rss_bytes() / 1e9,
+            "val_ppl": val, "test_ppl": test, "peak_rss_gb": peak_rss_bytes() / 1e9,
             "measured": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -113,7 +111,7 @@ def main(argv: list[str]) -> None:
         report = json.loads(LLAMA_CPP.read_text())
         files = {tuple(k.split("-", 1)): work / v["file"] for k, v in report["files"].items()}
         _, tokenizer = vaclm.load("demo")
-        ids = vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
+        ids = test_windows(tokenizer)
         report.update(llama_cpp_speed(llama_cpp, files, ids, report["threads"], repeats=int(argv[2]) if argv[2:] else 5))
         LLAMA_CPP.write_text(json.dumps(report, indent=2))
         print(json.dumps({k: report[k] for k in ("tokens_per_second", "speedup")}, indent=2))
@@ -142,13 +140,11 @@ def main(argv: list[str]) -> None:
 
         for folder in argv[1:]:
             model, tokenizer = vaclm.load(folder)
-            val = vaclm.evaluate(model, validation_ids(tokenizer, CompressConfig()), seq_len=512, max_windows=16,
-                                 progress=False)
-            test = vaclm.evaluate(model, str(WIKI_TEST), tokenizer, seq_len=1024, max_windows=16, progress=False)
+            val, test = ppls(model, tokenizer, CompressConfig())
             report = json.loads((Path(folder) / "vaclm_report.json").read_text())
             row = {"structure": "lowrank", "keep": report["config"]["keep"], "criterion": "-", "folder": Path(folder).name,
                    "kept_fraction": report["kept_fraction"], "compress_seconds_shared_gradients": None,
-                   "val_ppl": val["ppl"], "test_ppl": test["ppl"]}
+                   "val_ppl": val, "test_ppl": test}
             print(json.dumps(row), flush=True)
             save_row(row)
 
@@ -190,7 +186,7 @@ def llama_cpp_check(work: Path, pruned_folder: str, threads: int = 2, repeats: i
             assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) == 0, out
             files[(label, name)] = out
     model, tokenizer = vaclm.load(pruned_folder)
-    ids = vaclm.api.token_stream(str(WIKI_TEST), tokenizer, "evaluation")[: 16 * 1024].view(16, 1024)
+    ids = test_windows(tokenizer)
     report = {"threads": threads, "files": {f"{a}-{b}": {"file": p.name, "bytes": p.stat().st_size}
                                             for (a, b), p in files.items()}}
     report["transformers_ppl"] = {"pruned": vaclm.evaluate(model, ids.flatten(), seq_len=1024, progress=False)["ppl"]}

@@ -77,12 +77,17 @@ def _cov(grads: dict, name: str):
     return g.mean_cov if g is not None and g.cov is not None else None
 
 
+def down_and_gram(run: Run, mlp: GatedMLP, inputs: dict):
+    """The down projection's weight and its input Gram (the intermediate activations'), on the run's device."""
+    down = dense_weight(get_submodule(run.model, mlp.down))[0].detach().to(run.device)
+    return down, inputs[mlp.down].mean_gram.to(run.device)
+
+
 def pruning_curve(run: Run, mlp: GatedMLP, inputs: dict, grads: dict, min_width: int = 0):
     """(curve, loss unit) of `mlp` from the down projection's input Gram and output-gradient covariance."""
-    down = dense_weight(get_submodule(run.model, mlp.down))[0].detach().to(run.device)
+    down, gram = down_and_gram(run, mlp, inputs)
     cov = _cov(grads, mlp.down)
-    curve = removal_curve(inputs[mlp.down].mean_gram.to(run.device), down, cov, run.config.rank_align,
-                          DAMPING, min_width=min_width)
+    curve = removal_curve(gram, down, cov, run.config.rank_align, DAMPING, min_width=min_width)
     stats = LayerStats(inputs=inputs[mlp.down], gradients=grads.get(mlp.down))
     return curve, _unit(run.method, stats, cov is not None)
 
@@ -92,7 +97,7 @@ def structured_plan(run: Run, mlps: list[GatedMLP], grads: dict):
     model, config, method, targets = run.model, run.config, run.method, run.targets
     mixed = config.structure == "mixed"
     cost = cost_model(model, config)
-    by_block = {m.block: m for m in mlps}
+    by_block, by_prefix = {m.block: m for m in mlps}, {m.prefix: m for m in mlps}
     runner = BlockRunner(model, targets.spec, run.calib, config.batch_size, run.device)
     matrices: dict[str, Candidates] = {}
     items: dict[str, MLPItem] = {}
@@ -144,7 +149,7 @@ def structured_plan(run: Run, mlps: list[GatedMLP], grads: dict):
             table[key] = {"rank": option.ranks[j], **entry}
             continue
         picked = option.choices[j]
-        mlp = next(m for m in mlps if m.prefix == key)
+        mlp = by_prefix[key]
         if picked.width is not None:
             widths[key] = picked.width
         for name, rank in zip(mlp.names, picked.ranks):
@@ -180,10 +185,9 @@ def _walk(run: Run, mlps: list[GatedMLP], grads: dict, result: CompressionResult
         if factorise:
             _factorise_block(run, i, factorise, inputs, grads, result)
         if width is not None:
-            curve, unit = pruning_curve(run, mlp, inputs, grads, min_width=width)
+            curve, _ = pruning_curve(run, mlp, inputs, grads, min_width=width)
             kept = curve.kept(width)
-            down = dense_weight(get_submodule(model, mlp.down))[0].detach().to(run.device)
-            gram = inputs[mlp.down].mean_gram.to(run.device)
+            down, gram = down_and_gram(run, mlp, inputs)
             narrow_mlp(model, mlp, kept, refit_down(gram, down, kept.to(run.device), DAMPING))
             result.errors[mlp.prefix] = curve.errors[curve.widths.index(width)]
         runner.block_changed(i, pending)
